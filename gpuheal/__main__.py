@@ -1,0 +1,3 @@
+from gpuheal.cli import main
+
+raise SystemExit(main())

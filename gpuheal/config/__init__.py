@@ -1,0 +1,50 @@
+"""The TOML config: every threshold, ladder and guard. Unknown keys fail loudly."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+
+from gpuheal.config.base import ConfigModel
+from gpuheal.config.detection import AnalyzerConfig, MemoryProfile
+from gpuheal.config.healing import ActuatorsConfig, GuardsConfig, HealerConfig, Rung
+from gpuheal.config.publishing import PublisherConfig
+from gpuheal.config.recording import RecorderConfig
+
+__all__ = [
+    "ActuatorsConfig", "AnalyzerConfig", "ConfigError", "GpuhealConfig", "GuardsConfig",
+    "HealerConfig", "MemoryProfile", "PublisherConfig", "RecorderConfig", "Rung", "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says where and why."""
+
+
+class GpuhealConfig(ConfigModel):
+    publisher: PublisherConfig = Field(default_factory=PublisherConfig)
+    analyzer: AnalyzerConfig = Field(default_factory=AnalyzerConfig)
+    healer: HealerConfig = Field(default_factory=HealerConfig)
+    recorder: RecorderConfig = Field(default_factory=RecorderConfig)
+
+
+def load_config(path: str | Path | None) -> GpuhealConfig:
+    """Read a TOML config; ``None`` gives the defaults."""
+    if path is None or str(path) == "":
+        return GpuhealConfig()
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {p} is not valid TOML: {exc}") from None
+    try:
+        return GpuhealConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+        ]
+        raise ConfigError(f"config {p} is invalid:\n" + "\n".join(lines)) from None

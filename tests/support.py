@@ -1,0 +1,126 @@
+"""Test helpers: waiting on conditions with a deadline, and a real MQTT collector."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition",
+             interval_s: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Collector:
+    """A plain paho subscriber that keeps every message it gets (thread-safe)."""
+
+    def __init__(self, url: str, patterns: list[str] | str, qos: int = 1,
+                 username: str | None = None, password: str | None = None) -> None:
+        from gpuheal.mqtt import BrokerURL
+
+        self.broker = BrokerURL.parse(url)
+        self.patterns = [patterns] if isinstance(patterns, str) else patterns
+        self.qos = qos
+        self.messages: list[Received] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.connect_reason: Any = None
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  protocol=paho.MQTTv5)
+        if username is not None or self.broker.username is not None:
+            self.client.username_pw_set(username or self.broker.username,
+                                        password or self.broker.password)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client, _u, _f, reason_code, _p) -> None:
+        self.connect_reason = reason_code
+        if not reason_code.is_failure:
+            client.subscribe([(p, self.qos) for p in self.patterns])
+
+    def _on_message(self, _c, _u, msg) -> None:
+        with self._lock:
+            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain),
+                                          msg.qos))
+
+    def start(self, timeout_s: float = 10.0) -> Collector:
+        self.client.connect(self.broker.host, self.broker.port)
+        self.client.loop_start()
+        if not self._subscribed.wait(timeout_s):
+            raise AssertionError(f"collector could not subscribe: {self.connect_reason}")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.messages)
+
+    def on(self, suffix: str) -> list[Received]:
+        """Messages whose topic ends with ``suffix`` (``/event``, ``/healer/state``...)."""
+        return [m for m in self.snapshot() if m.topic.endswith(suffix)]
+
+    def payloads(self, suffix: str) -> list[Any]:
+        return [m.json() for m in self.on(suffix) if m.payload]
+
+    def wait(self, predicate: Callable[[list[Received]], Any], timeout_s: float = 10.0,
+             what: str = "messages") -> Any:
+        return wait_for(lambda: predicate(self.snapshot()), timeout_s, what)
+
+
+def publish(url: str, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+            username: str | None = None, password: str | None = None) -> None:
+    """Publish one message and wait until the broker has it (QoS 1)."""
+    from gpuheal.mqtt import BrokerURL
+
+    broker = BrokerURL.parse(url)
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    if username or broker.username:
+        client.username_pw_set(username or broker.username, password or broker.password)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
