@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpuheal.config import GpuhealConfig, load_config
+from gpuheal.models import Sample
 from gpuheal.topics import Topics
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -94,6 +96,10 @@ class PublisherOptions:
     """Recorded samples to replay (replay source)."""
     count: int | None = None
     """Stop after this many sampling rounds (None: run until stopped)."""
+    replay_samples: Iterable[Sample] | None = None
+    """Recorded samples in time order (replay source); the CLI reads them from --db."""
+    replay_host: str | None = None
+    """Rewrite the host of replayed samples (``--host-name NEW`` of ``gpuheal replay``)."""
 
 
 @dataclass

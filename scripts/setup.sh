@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what gpuheal needs on Debian/Ubuntu: Mosquitto (via apt when missing), a Python
+# venv in .venv with gpuheal installed (editable) and, with --test, the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+sudo_cmd=()
+[ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+
+apt_install() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: please install: $* (no apt-get on this machine)" >&2
+    exit 1
+  fi
+  echo "setup: installing $* with apt-get" >&2
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "$@" >/dev/null
+}
+
+python3 - <<'PY' || { echo "setup: gpuheal needs Python >= 3.11 (python3 is $(python3 -V 2>&1))" >&2; exit 1; }
+import sys
+raise SystemExit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+extra=""
+[ "$want_test" = 1 ] && extra="[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
+echo "setup: ready (.venv/bin/gpuheal)" >&2
