@@ -1,11 +1,24 @@
-"""Healer ladder, guards and actuators (``[healer]`` in the TOML config)."""
+"""Healer ladder, guards and actuators (``[healer]`` in the TOML config).
+
+Every duration is in seconds of *event time* (the source clock of the samples), so a replay or
+a simulation at ``--speed X`` runs the guards X times faster, exactly as it runs the detectors.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated, get_args
+
+from pydantic import Field, field_validator
 
 from gpuheal.config.base import ConfigModel
-from gpuheal.models import ActionName, Severity
+from gpuheal.models import SEVERITY_RANK, ActionName, ConditionKind, Severity
+
+DESTRUCTIVE_ACTIONS: frozenset[str] = frozenset({"reset_gpu", "stop_llm_service"})
+"""Actions that run only when opted in (``guards.destructive_opt_in`` or ``--allow``)."""
+
+CONDITION_KINDS: frozenset[str] = frozenset(get_args(ConditionKind))
+
+Seconds = Annotated[float, Field(ge=0)]
 
 
 class Rung(ConfigModel):
@@ -35,25 +48,40 @@ def _ladders() -> dict[str, list[Rung]]:
 
 class GuardsConfig(ConfigModel):
     enabled: bool = True
+    """False starts the healer paused (every decision is skipped with reason ``paused``)."""
     dry_run: bool = False
-    cooldown_s: float = 300.0
+    cooldown_s: Seconds = 300.0
     """Event-time seconds before the same action may run again on the same GPU."""
-    budget_per_hour: int = 12
-    """Actions (not skips) per host per rolling hour."""
-    breaker_threshold: int = 3
-    """Unresolved escalations that open the circuit breaker (only a person closes it)."""
-    verify_window_s: float = 120.0
+    budget_per_hour: Annotated[int, Field(ge=0)] = 12
+    """Actions (not skips) per host per rolling hour of event time."""
+    breaker_threshold: Annotated[int, Field(ge=0)] = 3
+    """Incidents left unresolved after the whole ladder that open the circuit breaker (only a
+    person closes it); 0 disables the breaker."""
+    verify_window_s: Seconds = 120.0
     """Event-time seconds the State has to clear after an action."""
-    restore_after_s: float = 300.0
+    restore_after_s: Seconds = 300.0
     """Healthy event-time seconds after which a throttled GPU gets its power limit back."""
     destructive_opt_in: list[ActionName] = Field(default_factory=list)
     """Destructive actions (``reset_gpu``, ``stop_llm_service``) run only when listed here."""
+    remember_events: Annotated[int, Field(ge=16, le=100_000)] = 2048
+    """How many handled (event_id, phase, severity) keys are kept to ignore redeliveries."""
+
+    @field_validator("destructive_opt_in")
+    @classmethod
+    def _only_destructive(cls, value: list[str]) -> list[str]:
+        extra = sorted(set(value) - DESTRUCTIVE_ACTIONS)
+        if extra:
+            raise ValueError(
+                f"only destructive actions need an opt-in ({', '.join(sorted(DESTRUCTIVE_ACTIONS))})"
+                f"; not: {', '.join(extra)}"
+            )
+        return value
 
 
 class ActuatorsConfig(ConfigModel):
     ollama_url: str = "http://127.0.0.1:11434"
-    http_timeout_s: float = 10.0
-    command_timeout_s: float = 60.0
+    http_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    command_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     restart_llm_service: list[str] = Field(
         default_factory=lambda: ["systemctl", "restart", "ollama"])
     reset_gpu_session: list[str] = Field(
@@ -64,11 +92,44 @@ class ActuatorsConfig(ConfigModel):
     """Commands run before a GPU reset to stop the GPU's users."""
     nvidia_smi: str = "nvidia-smi"
     jetson_clocks: str = "jetson_clocks"
-    throttle_pct: float = 80.0
+    jetson_clocks_store: str = "~/.local/state/gpuheal/jetson_clocks.conf"
+    """Where ``jetson_clocks --store`` saves the clocks before a throttle, for the restore."""
+    throttle_pct: Annotated[float, Field(gt=0, le=100)] = 80.0
     """Power limit as percent of the default limit."""
+
+    @field_validator("restart_llm_service", "reset_gpu_session", "stop_llm_service")
+    @classmethod
+    def _argv(cls, value: list[str]) -> list[str]:
+        return _check_argv(value)
+
+    @field_validator("stop_gpu_users")
+    @classmethod
+    def _argvs(cls, value: list[list[str]]) -> list[list[str]]:
+        return [_check_argv(argv) for argv in value]
+
+
+def _check_argv(argv: list[str]) -> list[str]:
+    if not argv or not argv[0]:
+        raise ValueError("a command is a non-empty argv list, e.g. ['systemctl', 'restart', "
+                         "'ollama']")
+    return argv
 
 
 class HealerConfig(ConfigModel):
     ladders: dict[str, list[Rung]] = Field(default_factory=_ladders)
+    """Per condition kind, rungs in climbing order. ``xid_error`` has no ladder: the event's
+    ``recommended_action`` decides."""
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
+
+    @field_validator("ladders")
+    @classmethod
+    def _valid_ladders(cls, value: dict[str, list[Rung]]) -> dict[str, list[Rung]]:
+        for kind, rungs in value.items():
+            if kind not in CONDITION_KINDS:
+                raise ValueError(f"ladder for unknown condition kind {kind!r}; known: "
+                                 f"{', '.join(sorted(CONDITION_KINDS))}")
+            ranks = [SEVERITY_RANK[r.min_severity] for r in rungs]
+            if ranks != sorted(ranks):
+                raise ValueError(f"ladder {kind!r}: rungs must climb in min_severity")
+        return value
