@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gpuheal import __version__
+from gpuheal.broker import BrokerError
+from gpuheal.broker_init import BrokerInitError
 from gpuheal.config import ConfigError
 from gpuheal.mqtt import BrokerURLError
 from gpuheal.options import (
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, BrokerURLError) as exc:
+    except (ConfigError, BrokerURLError, BrokerError, BrokerInitError) as exc:
         print(f"gpuheal: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -100,6 +100,7 @@ class _Subscription:
     pattern: str
     qos: int
     handler: Handler
+    no_local: bool = False
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Bus:
         clean_start: bool = True,
         session_expiry_s: int | None = None,
         manual_ack: bool = False,
+        receive_maximum: int | None = None,
         announce_status: bool = True,
         keepalive_s: int = 30,
     ) -> None:
@@ -142,6 +144,8 @@ class Bus:
         self._stopping = False
         self._clean_start = clean_start
         self._session_expiry_s = session_expiry_s
+        self._receive_maximum = receive_maximum
+        """MQTT v5 Receive Maximum: unacknowledged QoS>0 messages the broker may send us."""
         self._keepalive_s = keepalive_s
         self.last_connect_error: str | None = None
         self.status_topic = self.topics.status(host, component) if announce_status else None
@@ -174,13 +178,19 @@ class Bus:
         self.client.on_connect_fail = self._on_connect_fail
 
     # --- registration ------------------------------------------------------------
-    def subscribe(self, pattern: str, handler: Handler, qos: int = 1) -> None:
-        """Register a handler; it is (re-)subscribed on every connect."""
-        sub = _Subscription(pattern, qos, handler)
+    def subscribe(
+        self, pattern: str, handler: Handler, qos: int = 1, *, no_local: bool = False
+    ) -> None:
+        """Register a handler; it is (re-)subscribed on every connect.
+
+        ``no_local``: the MQTT v5 No Local option, so the broker does not send this client's
+        own publications back to it (e.g. the analyzer reading retained states it writes).
+        """
+        sub = _Subscription(pattern, qos, handler, no_local)
         self._subs.append(sub)
         self.client.message_callback_add(pattern, self._wrap(handler))
         if self._connected.is_set():
-            self.client.subscribe([(pattern, SubscribeOptions(qos=qos))])
+            self.client.subscribe([(pattern, SubscribeOptions(qos=qos, noLocal=no_local))])
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` after every (re)connect: republish retained state there."""
@@ -192,6 +202,8 @@ class Bus:
         props = Properties(PacketTypes.CONNECT)
         if self._session_expiry_s is not None:
             props.SessionExpiryInterval = self._session_expiry_s
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
         self.client.connect_async(
             self.broker.host,
             self.broker.port,
@@ -276,7 +288,8 @@ class Bus:
         self.stats.connects += 1
         self.last_connect_error = None
         if self._subs:
-            client.subscribe([(s.pattern, SubscribeOptions(qos=s.qos)) for s in self._subs])
+            client.subscribe([(s.pattern, SubscribeOptions(qos=s.qos, noLocal=s.no_local))
+                              for s in self._subs])
         if self.status_topic:
             client.publish(self.status_topic, "online", qos=1, retain=True)
         for hook in self._hooks:

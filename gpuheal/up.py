@@ -95,8 +95,9 @@ def _argv(component: str, opts: UpOptions, source: str) -> list[str]:
     elif component == "healer":
         h = opts.healer
         argv += ["--source", source]
-        if h.state_file:
-            argv += ["--state-file", str(h.state_file)]
+        state_file = h.state_file or (
+            (opts.state_dir or default_state_dir()) / f"healer-{c.host_name}.json")
+        argv += ["--state-file", str(state_file)]
         if h.dry_run:
             argv.append("--dry-run")
         for action in h.allow:

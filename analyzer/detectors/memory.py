@@ -8,10 +8,9 @@ percent of the total. Ladder: warning → ``clear_llm_cache``, critical and emer
 
 from __future__ import annotations
 
+from analyzer.detectors.base import KEEP, BandedLevel, Detector, Finding, Verdict
 from gpuheal.config.detection import AnalyzerConfig, MemoryProfile
 from gpuheal.models import ActionName, Sample, Severity
-
-from analyzer.detectors.base import KEEP, BandedLevel, Detector, Finding, Verdict
 
 MIB_PER_GIB = 1024.0
 

@@ -8,10 +8,9 @@ under the threshold that raised it) and no slowdown reason is reported. Ladder: 
 
 from __future__ import annotations
 
+from analyzer.detectors.base import KEEP, BandedLevel, Detector, Finding, Verdict, worse
 from gpuheal.config.detection import ThermalConfig
 from gpuheal.models import ActionName, Sample, Severity
-
-from analyzer.detectors.base import KEEP, BandedLevel, Detector, Finding, Verdict, worse
 
 THERMAL_ACTIONS: dict[str, ActionName] = {
     "warning": "throttle_gpu",

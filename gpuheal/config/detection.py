@@ -1,4 +1,8 @@
-"""Analyzer thresholds (``[analyzer]`` in the TOML config)."""
+"""Analyzer thresholds (``[analyzer]`` in the TOML config).
+
+Every window is in seconds of EVENT time (the samples' ``ts``), except the silence timeout of
+``[analyzer.unavailable]``, which is wall-clock time by nature (a silent GPU sends no ``ts``).
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ class MemoryProfile(ConfigModel):
     warning: float
     critical: float
     emergency: float
-    hysteresis: float = 1.0
-    """A level clears only this far (same unit) below the threshold that raised it."""
+    hysteresis: float = Field(default=1.0, ge=0)
+    """The condition clears only below ``warning - hysteresis`` (same unit)."""
 
     @field_validator("match")
     @classmethod
@@ -54,36 +58,51 @@ class ThermalConfig(ConfigModel):
     warning_c: float = 83.0
     critical_c: float = 85.0
     emergency_c: float = 90.0
-    hysteresis_c: float = 3.0
-    """Clears only below (raising threshold - hysteresis_c)."""
+    hysteresis_c: float = Field(default=3.0, ge=0)
+    """Clears only below ``warning_c - hysteresis_c``: a condition is entered through the
+    warning threshold (even when the first hot sample is already critical), and severity never
+    goes down within a condition, so the band under warning is the one that matters."""
     slowdown_reasons: list[str] = Field(
         default_factory=lambda: ["hw_thermal_slowdown", "sw_thermal_slowdown"]
     )
     """Throttle reasons that raise a warning on their own."""
 
+    @model_validator(mode="after")
+    def _ordered(self) -> ThermalConfig:
+        if not (self.warning_c <= self.critical_c <= self.emergency_c):
+            raise ValueError("thermal thresholds need warning_c <= critical_c <= emergency_c")
+        return self
+
 
 class HangConfig(ConfigModel):
-    util_pct: float = 99.0
-    window_s: float = 30.0
-    """Event-time seconds of sustained utilization before a hang is suspected."""
-    power_tolerance_w: float = 5.0
-    power_tolerance_pct: float = 3.0
+    """A hang is suspected after ``window_s`` at ``>= util_pct``, confirmed with corroboration."""
+
+    util_pct: float = Field(default=99.0, gt=0, le=100)
+    """Utilization (percent) at or above which a GPU counts as saturated."""
+    window_s: float = Field(default=30.0, gt=0)
+    """Event-time seconds of sustained utilization before a hang is suspected; also how long
+    power and memory must stay flat to confirm it."""
+    power_tolerance_w: float = Field(default=5.0, ge=0)
+    power_tolerance_pct: float = Field(default=3.0, ge=0)
     """Power is flat while within max(tolerance_w, tolerance_pct % of the reference)."""
-    memory_tolerance_mb: float = 64.0
+    memory_tolerance_mb: float = Field(default=64.0, ge=0)
+    """Memory (MiB) is flat while within this of the reference."""
     hang_xids: list[int] = Field(default_factory=lambda: [8, 43, 45, 109])
+    """XIDs that confirm a hang when seen during the high-utilization run."""
 
 
 class XidConfig(ConfigModel):
     restart_app: list[int] = Field(default_factory=lambda: [13, 31, 43, 94])
     reset_gpu: list[int] = Field(default_factory=lambda: [46, 62, 64, 95, 109, 119, 120])
     reboot: list[int] = Field(default_factory=lambda: [79])
-    clear_after_s: float = 120.0
+    clear_after_s: float = Field(default=120.0, gt=0)
     """An XID condition clears after this many event-time seconds without a new XID."""
 
 
 class UnavailableConfig(ConfigModel):
-    missed_intervals: float = 3.0
-    min_timeout_s: float = 2.0
+    missed_intervals: float = Field(default=3.0, gt=0)
+    """A GPU is silent after this many of its observed (wall-clock) sample intervals."""
+    min_timeout_s: float = Field(default=2.0, gt=0)
     """Wall seconds; never declare a GPU silent sooner than this."""
 
 
@@ -93,7 +112,7 @@ class AnalyzerConfig(ConfigModel):
     hang: HangConfig = Field(default_factory=HangConfig)
     xid: XidConfig = Field(default_factory=XidConfig)
     unavailable: UnavailableConfig = Field(default_factory=UnavailableConfig)
-    state_min_interval_s: float = 0.0
+    state_min_interval_s: float = Field(default=0.0, ge=0)
     """Coalesce retained State: publish at most once per this many event-time seconds per GPU
     (a change of health or of the active conditions is always published at once)."""
     ha_discovery: bool = True

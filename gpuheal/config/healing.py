@@ -71,9 +71,9 @@ class GuardsConfig(ConfigModel):
     def _only_destructive(cls, value: list[str]) -> list[str]:
         extra = sorted(set(value) - DESTRUCTIVE_ACTIONS)
         if extra:
+            known = ", ".join(sorted(DESTRUCTIVE_ACTIONS))
             raise ValueError(
-                f"only destructive actions need an opt-in ({', '.join(sorted(DESTRUCTIVE_ACTIONS))})"
-                f"; not: {', '.join(extra)}"
+                f"only destructive actions need an opt-in ({known}); not: {', '.join(extra)}"
             )
         return value
 

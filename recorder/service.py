@@ -1,0 +1,308 @@
+"""The recorder's MQTT adapter: nothing lost, nothing doubled.
+
+* A persistent session (fixed client id, clean start off, session expiry) with QoS 1
+  subscriptions to samples, states, events, actions, component statuses, healer states and
+  dead letters of every host (or ``--only-host``): while the recorder is down, the broker
+  keeps what it misses.
+* Manual acknowledgement: paho's network thread only appends each message to a bounded
+  buffer; the writer thread takes batches, stores them in one transaction, and only then
+  acknowledges each message (in arrival order). A message received but not committed when
+  the process dies is not acknowledged, so the broker sends it again when the session
+  resumes; the table keys turn the second copy into a no-op.
+* Bad input (malformed, schema-invalid, inconsistent with its topic) becomes a row of the
+  ``deadletter`` table with the reason, and is then acknowledged. It is not republished.
+* A locked or full disk: the batch is kept and retried with backoff (nothing is
+  acknowledged meanwhile, so nothing is lost), new messages keep buffering, and a warning is
+  published on ``P/deadletter/recorder`` (a DeadLetter whose ``topic`` is the recorder's
+  status topic and whose ``reason`` starts with ``storage unavailable``) at most every
+  ``warn_interval_s``; the retained status stays ``online``. The recorder records its own
+  warnings too, once the disk takes writes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import paho.mqtt.client as paho
+
+from gpuheal.models import DeadLetter
+from gpuheal.mqtt import Bus
+from gpuheal.options import RecorderOptions
+from recorder.buffer import BoundedBuffer
+from recorder.rows import RECORDER, Record, deadletter_record, record_for, to_json
+from recorder.schema import SchemaError
+from recorder.store import Store
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 1.0
+"""How often (seconds) an idle writer looks at the retention schedule."""
+_STORE_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
+"""What a single row can fail with besides a locked/full disk (OperationalError)."""
+
+
+@dataclass(slots=True)
+class Pending:
+    """A received message waiting to be stored and acknowledged."""
+
+    msg: paho.MQTTMessage
+    received_ts: float
+    generation: int
+    """Which connection delivered it; an ack only makes sense on that same connection."""
+
+
+@dataclass
+class RecorderStats:
+    """Counters (messages unless said otherwise)."""
+
+    received: int = 0
+    committed: int = 0
+    """Messages whose row is committed (duplicates included)."""
+    rows_changed: int = 0
+    """Rows inserted or updated (duplicates excluded)."""
+    acked: int = 0
+    deadlettered: int = 0
+    dropped: int = 0
+    """QoS 0 messages refused because the buffer was full."""
+    write_failures: int = 0
+    degraded_since: float | None = None
+    """UNIX seconds when storage started failing; None while it works."""
+    retention_passes: int = 0
+    samples_folded: int = 0
+    first_received_mono: float | None = None
+    last_commit_mono: float | None = None
+
+
+class Recorder:
+    """Subscribes, buffers, stores, acknowledges. ``start()`` then ``stop()``."""
+
+    def __init__(self, opts: RecorderOptions, store: Store | None = None) -> None:
+        self.opts = opts
+        self.cfg = opts.common.config.recorder
+        self.topics = opts.common.topics
+        host = opts.common.host_name
+        self.stats = RecorderStats()
+        self.buffer: BoundedBuffer[Pending] = BoundedBuffer(self.cfg.buffer_max)
+        self.store = store or Store(opts.db, busy_timeout_s=self.cfg.busy_timeout_s,
+                                    synchronous=self.cfg.synchronous)
+        try:
+            self.bus = Bus(
+                opts.common.broker, component=RECORDER, host=host, topics=self.topics,
+                client_id=opts.client_id or f"gpuheal-recorder-{host}", clean_start=False,
+                session_expiry_s=self.cfg.session_expiry_s, manual_ack=True,
+                receive_maximum=min(self.cfg.buffer_max, 65_535),
+            )
+        except ValueError:
+            self.store.close()
+            raise
+        only = opts.common.only_host
+        patterns = [self.topics.gpu_pattern(kind, only)
+                    for kind in ("sample", "state", "event", "action")]
+        patterns += [self.topics.status_pattern(only), self.topics.healer_state_pattern(only),
+                     self.topics.deadletter_pattern()]
+        for pattern in patterns:
+            self.bus.subscribe(pattern, self._on_message, qos=1)
+        self.bus.on_connected(self._on_connected)
+        self._generation = 0
+        self._acks: list[Pending] = []
+        """Committed messages waiting for their acknowledgement (see ``_flush_acks``)."""
+        self._acks_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._abort = threading.Event()
+        self._last_warn_mono: float | None = None
+        self._next_retention_mono = 0.0
+        self._writer = threading.Thread(target=self._writer_loop, name="recorder-writer",
+                                        daemon=True)
+
+    # --- life --------------------------------------------------------------------------
+    def start(self, wait_s: float | None = None) -> bool:
+        """Start the writer, then connect (in the background; optionally wait for it)."""
+        self._writer.start()
+        return self.bus.start(wait_s)
+
+    def stop(self) -> None:
+        """Commit and acknowledge what is buffered (up to ``drain_timeout_s``), go offline."""
+        self._closing.set()
+        self.buffer.wake()
+        if self._writer.is_alive():
+            self._writer.join(self.cfg.drain_timeout_s)
+        if self._writer.is_alive():
+            log.warning("recorder: %d messages not stored at exit; the broker will send the "
+                        "acknowledged-not ones again", len(self.buffer))
+            self._abort.set()
+            self.buffer.wake()
+            self._writer.join()
+        self._flush_acks()  # what was committed: acknowledged before going offline
+        self.bus.stop()
+        self.store.close()
+
+    # --- network thread: never block -------------------------------------------------------
+    def _on_connected(self) -> None:
+        self._generation += 1
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        if self._acks:
+            self._flush_acks()
+        self.stats.received += 1
+        if self.stats.first_received_mono is None:
+            self.stats.first_received_mono = time.monotonic()
+        if not self.buffer.put(Pending(msg, time.time(), self._generation),
+                               droppable=msg.qos == 0):
+            self.stats.dropped = self.buffer.dropped
+            if self.buffer.dropped in (1, 10, 100) or self.buffer.dropped % 1000 == 0:
+                log.warning("recorder: buffer full (%d); %d QoS 0 samples dropped so far",
+                            self.buffer.max_items, self.buffer.dropped)
+
+    # --- writer thread --------------------------------------------------------------------
+    def _writer_loop(self) -> None:
+        while not self._abort.is_set():
+            self._maybe_retention()
+            batch = self.buffer.take(self.cfg.batch_size, IDLE_POLL_S, self.cfg.flush_interval_s)
+            if not batch:
+                if self._closing.is_set():
+                    return
+                continue
+            topics = self.topics
+            pairs = [(p, record_for(topics, p.msg.topic, p.msg.payload, p.received_ts))
+                     for p in batch]
+            if not self._commit(pairs):
+                return  # stopping while the disk refuses writes: leave them unacknowledged
+            self.stats.last_commit_mono = time.monotonic()
+            with self._acks_lock:
+                self._acks.extend(p for p in batch if p.msg.qos > 0)
+            if not len(self.buffer):
+                self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Acknowledge every committed message still waiting (arrival order).
+
+        Runs on paho's network thread when the next message arrives (acks then go out with
+        that thread's own writes, instead of the writer waking it once per ack), and on the
+        writer when it has nothing left to store (the stream paused or ended). Only messages
+        of the current connection are acknowledged: the broker resends the others anyway."""
+        with self._acks_lock:  # held while acking: two flushers never interleave
+            acks, self._acks = self._acks, []
+            generation, ack = self._generation, self.bus.ack
+            acked = 0
+            for p in acks:
+                if p.generation == generation:
+                    ack(p.msg)
+                    acked += 1
+            self.stats.acked += acked
+
+    def _commit(self, pairs: list[tuple[Pending, Record | None]]) -> bool:
+        """Store the batch, retrying while the disk refuses; False if told to give up."""
+        delay_s = 0.05
+        while True:
+            try:
+                self.stats.rows_changed += self._write(pairs)
+            except sqlite3.OperationalError as exc:  # locked, busy, disk full, I/O error
+                self._storage_failed(exc)
+                if self._abort.wait(delay_s):
+                    return False
+                delay_s = min(delay_s * 2, self.cfg.retry_max_s)
+                continue
+            self.stats.committed += len(pairs)
+            self.stats.deadlettered += sum(
+                1 for _, r in pairs if r is not None and r.table == "deadletter"
+                and r.row["component"] == RECORDER)
+            if self.stats.degraded_since is not None:
+                log.warning("recorder: storage works again after %.1f s",
+                            time.time() - self.stats.degraded_since)
+                self.stats.degraded_since = None
+                self._last_warn_mono = None
+            return True
+
+    def _write(self, pairs: list[tuple[Pending, Record | None]]) -> int:
+        records = [r for _, r in pairs if r is not None]
+        try:
+            return self.store.write(records)
+        except sqlite3.OperationalError:
+            raise
+        except _STORE_ERRORS as exc:
+            log.error("recorder: batch refused (%s); storing its rows one by one", exc)
+        changed = 0
+        for p, rec in pairs:
+            if rec is None:
+                continue
+            try:
+                changed += self.store.write([rec])
+            except sqlite3.OperationalError:
+                raise
+            except _STORE_ERRORS as exc:
+                letter = deadletter_record(p.msg.topic, (to_json(rec.row) or "").encode(),
+                                           f"cannot store: {exc}", p.received_ts)
+                changed += self.store.write([letter])
+        return changed
+
+    def _storage_failed(self, exc: sqlite3.OperationalError) -> None:
+        self.stats.write_failures += 1
+        now = time.monotonic()
+        if self.stats.degraded_since is None:
+            self.stats.degraded_since = time.time()
+        if self._last_warn_mono is not None and now - self._last_warn_mono < \
+                self.cfg.warn_interval_s:
+            return
+        self._last_warn_mono = now
+        reason = (f"storage unavailable ({self.store.path}): {exc}; {len(self.buffer)} "
+                  "messages buffered, none acknowledged until stored")
+        log.warning("recorder: %s", reason)
+        if self.bus.connected and self.bus.status_topic:
+            letter = DeadLetter(component=RECORDER, topic=self.bus.status_topic,
+                                reason=reason, payload="", ts=time.time())
+            self.bus.publish(self.topics.deadletter(RECORDER), letter.to_json(), qos=0)
+
+    def _maybe_retention(self) -> None:
+        now = time.monotonic()
+        if now < self._next_retention_mono:
+            return
+        self._next_retention_mono = now + self.cfg.retention_interval_s
+        cutoff = time.time() - self.cfg.retention_days * 86_400
+        try:
+            result = self.store.fold_samples(cutoff)
+        except sqlite3.OperationalError as exc:
+            log.warning("recorder: retention pass failed (%s); retrying in a minute", exc)
+            self._next_retention_mono = now + min(60.0, self.cfg.retention_interval_s)
+            return
+        self.stats.retention_passes += 1
+        self.stats.samples_folded += result.samples_folded
+        if result.samples_folded:
+            log.info("recorder: folded %d samples older than %.1f days into %d aggregates",
+                     result.samples_folded, self.cfg.retention_days, result.aggregate_rows)
+
+
+def run(opts: RecorderOptions, stop: threading.Event | None = None) -> int:
+    """Record until ``stop`` is set (or SIGINT/SIGTERM when no ``stop`` is given); 0 on a
+    clean stop, 1 when the database or the broker URL cannot be used."""
+    own_signals = stop is None and threading.current_thread() is threading.main_thread()
+    stop = stop or threading.Event()
+    try:
+        recorder = Recorder(opts)
+    except (SchemaError, sqlite3.Error, OSError, ValueError) as exc:
+        print(f"gpuheal recorder: cannot record to {opts.db}: {exc}", file=sys.stderr)
+        return 1
+    previous: dict[int, object] = {}
+    if own_signals:
+        def _set(_signum: int, _frame: FrameType | None) -> None:
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _set)
+    log.info("recorder: recording to %s (schema migrations applied: %s)", opts.db,
+             recorder.store.migrated or "none")
+    recorder.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        recorder.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+    return 0

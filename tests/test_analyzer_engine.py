@@ -1,0 +1,246 @@
+"""The engine's semantics: ordering, restore, coalescing, silence, the State it writes."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import pytest
+
+from analyzer.engine import Analyzer, fast_iso_utc
+from gpuheal.config import AnalyzerConfig
+from gpuheal.config.detection import UnavailableConfig
+from gpuheal.models import Event, State, iso_utc, make_event_id, parse_payload
+from tests.test_analyzer_streams import (
+    T0,
+    all_streams,
+    frozen_stream,
+    mk,
+    of,
+    run_engine,
+    thermal_flap_stream,
+)
+
+
+class FakeClock:
+    """A wall clock the test moves by hand (UNIX s)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def engine(config: AnalyzerConfig | None = None, clock: FakeClock | None = None,
+           started_ts: float = T0) -> Analyzer:
+    return Analyzer(config or AnalyzerConfig(), started_ts=started_ts, clock=clock or FakeClock())
+
+
+# --- ordering ----------------------------------------------------------------------------------
+def test_duplicates_and_out_of_order_samples_are_ignored_and_counted() -> None:
+    a = engine()
+    assert a.process(mk(T0 + 10, 10))
+    assert a.process(mk(T0 + 10, 10)) == []          # exact duplicate
+    assert a.process(mk(T0 + 11, 10)) == []          # same seq: duplicate
+    assert a.process(mk(T0 + 5, 5)) == []            # older: out of order
+    assert a.process(mk(T0 + 10, 11)) == []          # ts not newer
+    assert a.stats.duplicates == 3 and a.stats.out_of_order == 1
+    assert a.process(mk(T0 + 12, 11))
+    assert a.stats.processed == 2
+
+
+def test_publisher_restart_resets_seq_and_is_not_a_duplicate() -> None:
+    a = engine()
+    a.process(mk(T0 + 1, 500))
+    out = a.process(mk(T0 + 2, 0))
+    assert out and a.stats.publisher_restarts == 1 and a.stats.duplicates == 0
+
+
+def test_duplicate_of_a_raising_sample_raises_nothing_twice() -> None:
+    a = engine()
+    hot = mk(T0, 1, temperature_c=88.0)
+    first = [o for o in a.process(hot) if isinstance(o, Event)]
+    again = a.process(hot)
+    assert len(first) == 1 and again == []
+
+
+# --- conditions and ids --------------------------------------------------------------------------
+def test_event_id_is_deterministic_from_host_gpu_kind_and_start() -> None:
+    events, _ = run_engine([mk(T0 + 3, 3, temperature_c=86.0), mk(T0 + 4, 4, temperature_c=70.0)])
+    raised, cleared = events
+    assert raised.event_id == cleared.event_id == make_event_id("node1", 0, "thermal_throttling",
+                                                                T0 + 3)
+    assert raised.started_ts == cleared.started_ts == T0 + 3
+    assert cleared.ts == T0 + 4 and cleared.evidence["duration_s"] == 1.0
+
+
+def test_replay_at_two_speeds_gives_identical_events() -> None:
+    """The same ts stream with arrivals 1 s apart, then 10 ms apart: identical events."""
+    results = []
+    for wall_step in (1.0, 0.01):
+        clock = FakeClock()
+        a = engine(clock=clock)
+        events = []
+        for s in all_streams():
+            clock.now += wall_step
+            events += [o.model_dump() for o in a.process(s) if isinstance(o, Event)]
+        results.append(events)
+    assert results[0] == results[1]
+    assert len({e["event_id"] for e in results[0]}) >= 4
+
+
+# --- restore -------------------------------------------------------------------------------------
+def test_restore_keeps_the_event_id_and_does_not_reraise() -> None:
+    flap = thermal_flap_stream(index=0)
+    first, states = run_engine(flap[:10])
+    raised = of(first, "thermal_throttling")
+    assert [e.phase for e in raised] == ["raised"]
+    retained = parse_payload(State, states[-1].to_json())  # as it comes off the wire
+
+    b = engine(started_ts=T0 + 10_000)
+    assert b.restore(retained)
+    assert not b.restore(retained)                     # only once
+    more = [*flap[10:], mk(flap[-1].ts + 5, 999, index=0, temperature_c=70.0)]
+    events, b_states = run_engine(more, analyzer=b)
+    assert [(e.phase, e.event_id) for e in of(events, "thermal_throttling")] == [
+        ("cleared", raised[0].event_id)]
+    assert b_states[0].active[0].event_id == raised[0].event_id
+    assert b_states[0].analyzer_started_ts == T0 + 10_000  # says it restarted
+
+
+def test_restore_continues_a_suspected_hang_and_escalates_it() -> None:
+    samples, freeze_ts = frozen_stream()
+    cut = next(i for i, s in enumerate(samples) if s.ts >= freeze_ts - 10)
+    events, states = run_engine(samples[:cut])
+    assert [e.phase for e in of(events, "gpu_hang")] == ["raised"]
+    b = engine()
+    b.restore(states[-1])
+    later, _ = run_engine(samples[cut:], analyzer=b)
+    hang = of(later, "gpu_hang")
+    assert [(e.phase, e.severity) for e in hang] == [("escalated", "critical")]
+    assert hang[0].event_id == of(events, "gpu_hang")[0].event_id
+
+
+def test_restore_after_a_sample_is_refused_and_old_samples_are_ignored() -> None:
+    a = engine()
+    a.process(mk(T0 + 100, 1))
+    state = State(host="node1", index=0, health="healthy", timestamp=iso_utc(T0), ts=T0)
+    assert not a.restore(state)
+    b = engine()
+    b.restore(State(host="node1", index=0, health="healthy", timestamp=iso_utc(T0), ts=T0))
+    assert b.process(mk(T0 - 1, 1)) == [] and b.stats.out_of_order == 1
+
+
+# --- state ---------------------------------------------------------------------------------------
+def test_state_is_the_origin_object_with_worst_health() -> None:
+    a = engine(started_ts=T0 - 60)
+    out = a.process(mk(T0 + 0.25, 1, temperature_c=91.0, memory_used_mb=79000.0,
+                       memory_total_mb=80000.0, fan_pct=55.0))
+    state = out[-1]
+    assert isinstance(state, State)
+    wire = parse_payload(State, state.to_json())
+    assert wire.health == "critical"            # emergency maps to critical
+    assert wire.error in ("thermal_throttling", "out_of_memory")
+    assert wire.memory.percent == 98.8 and wire.memory.total_mb == 80000.0
+    assert wire.power.draw_w == 200.0 and wire.clocks.graphics_mhz == 1980.0
+    assert wire.fan_speed == 55.0 and wire.temperature == 91.0
+    assert wire.timestamp == iso_utc(T0 + 0.25) and wire.ts == T0 + 0.25
+    assert {c.kind for c in wire.active} == {"thermal_throttling", "out_of_memory"}
+    assert wire.analyzer_started_ts == T0 - 60
+    healthy = a.process(mk(T0 + 1, 2))[-1]
+    assert isinstance(healthy, State)
+
+
+def test_unavailable_wins_over_severity_in_health() -> None:
+    a = engine()
+    a.process(mk(T0, 1, temperature_c=95.0))
+    state = a.process(mk(T0 + 1, 2, available=False, error="fell off the bus",
+                         temperature_c=None))[-1]
+    assert state.health == "unavailable" and state.error == "unavailable"
+    assert "fell off the bus" in state.error_message
+
+
+def test_coalescing_publishes_at_most_once_per_interval_unless_health_changes() -> None:
+    a = engine(AnalyzerConfig(state_min_interval_s=10.0))
+    states = []
+    for k in range(30):
+        temp = 60.0 if k < 15 else (86.0 if k == 15 else 82.0)
+        states += [o.ts - T0 for o in a.process(mk(T0 + k, k, temperature_c=temp))
+                   if isinstance(o, State)]
+    # 0, 10, then 15 (raised: health changed), 16 (band: no change)... 25 (10 s later)
+    assert states == [0, 10, 15, 25]
+    assert a.stats.states_coalesced == 26
+
+
+# --- silence ----------------------------------------------------------------------
+def test_silence_raises_unavailable_after_missed_intervals_of_wall_time() -> None:
+    clock = FakeClock(1000.0)
+    a = engine(AnalyzerConfig(unavailable=UnavailableConfig(missed_intervals=3,
+                                                            min_timeout_s=2.0)), clock)
+    for k in range(5):                 # one sample per wall second, 5 s apart in event time
+        clock.now = 1000.0 + k
+        a.process(mk(T0 + 5 * k, k))
+    assert a.check_silence(1004.0 + 2.9) == []
+    out = a.check_silence(1004.0 + 3.1)
+    event, state = out
+    assert isinstance(event, Event) and event.kind == "unavailable" and event.phase == "raised"
+    assert event.ts == T0 + 20 + 3 * 5           # extrapolated in event time
+    assert event.recommended_action == "notify"
+    assert isinstance(state, State) and state.health == "unavailable"
+    assert state.temperature is None               # no made-up readings
+    assert a.check_silence(1100.0) == []           # raised once
+    clock.now = 1101.0
+    back = a.process(mk(T0 + 100, 5))
+    cleared = [o for o in back if isinstance(o, Event)]
+    assert [(e.phase, e.event_id) for e in cleared] == [("cleared", event.event_id)]
+
+
+def test_silence_timeout_has_a_floor_and_needs_two_samples() -> None:
+    clock = FakeClock(1000.0)
+    a = engine(clock=clock)
+    a.process(mk(T0, 0))
+    assert a.check_silence(5000.0) == []           # one sample: interval unknown
+    clock.now = 1000.01
+    a.process(mk(T0 + 1, 1))
+    assert a.check_silence(1000.01 + 1.9) == []     # 3 x 10 ms < 2 s floor
+    assert len(a.check_silence(1000.01 + 2.1)) == 2
+
+
+# --- bounded memory ---------------------------------------------------------------
+def test_memory_per_gpu_does_not_grow_with_samples() -> None:
+    a = engine()
+    samples = [mk(T0 + k, k, temperature_c=80 + (k % 9), utilization_pct=100.0,
+                  xids=[k % 50] if k % 7 == 0 else None) for k in range(2500)]
+
+    def feed(chunk: list) -> None:
+        for s in chunk:
+            a.process(s)
+
+    tracemalloc.start()
+    feed(samples[:500])
+    gc.collect()
+    before = tracemalloc.take_snapshot()
+    feed(samples[500:])
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename")
+                if "/analyzer/" in s.traceback[0].filename)
+    assert grown < 8_000, grown
+
+
+@pytest.mark.parametrize("ts", [0.0, 1.0005, 1.9999995, T0 + 0.123, T0 + 0.9999996, 4e9 + 0.5])
+def test_fast_iso_utc_matches_the_contract(ts: float) -> None:
+    assert fast_iso_utc(ts) == iso_utc(ts)
+
+
+def test_hold_silence_restarts_the_clocks_after_the_analyzer_was_cut_off() -> None:
+    clock = FakeClock(1000.0)
+    a = engine(clock=clock)
+    for k in range(3):
+        clock.now = 1000.0 + k
+        a.process(mk(T0 + k, k))
+    a.hold_silence(1030.0)                 # the broker was away from 1002 to 1030
+    assert a.check_silence(1031.0) == []
+    assert len(a.check_silence(1033.5)) == 2

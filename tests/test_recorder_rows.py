@@ -1,0 +1,147 @@
+"""Recorder: received message → row (pure, no broker, no database). Also message factories
+shared by the other recorder tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpuheal.models import (
+    Action,
+    DeadLetter,
+    Event,
+    HealerState,
+    Sample,
+    State,
+    iso_utc,
+    make_action_id,
+    make_event_id,
+)
+from gpuheal.topics import Topics
+from recorder.rows import deadletter_record, record_for
+
+T = Topics("p")
+NOW = 1_700_000_000.0
+
+
+def make_sample(seq: int = 1, ts: float = NOW, host: str = "h1", index: int = 0,
+                **fields: object) -> Sample:
+    base: dict[str, object] = dict(
+        host=host, index=index, source="sim", ts=ts, seq=seq, name="Sim GPU",
+        temperature_c=60.0, utilization_pct=50.0, memory_used_mb=1000.0,
+        memory_total_mb=8000.0, power_draw_w=150.0, power_limit_w=300.0)
+    return Sample.model_validate(base | fields)
+
+
+def make_event(n: int = 0, phase: str = "raised", severity: str = "warning",
+               host: str = "h1", index: int = 0, ts: float | None = None,
+               kind: str = "out_of_memory") -> Event:
+    started = NOW + n
+    return Event(event_id=make_event_id(host, index, kind, started), host=host, index=index,
+                 kind=kind, severity=severity, phase=phase, started_ts=started,
+                 ts=started if ts is None else ts, message=f"{kind} #{n} {phase}",
+                 evidence={"memory_used_mb": 37000.0}, recommended_action="clear_llm_cache")
+
+
+def make_action(event: Event, status: str = "started", ts: float | None = None,
+                action: str = "clear_llm_cache", attempt: int = 1, **fields: object) -> Action:
+    return Action.model_validate(dict(
+        action_id=make_action_id(event.event_id, action, attempt, event.host, event.index),
+        event_id=event.event_id, host=event.host, index=event.index, action=action,
+        status=status, attempt=attempt, ts=event.ts + 1 if ts is None else ts) | fields)
+
+
+def make_state(ts: float = NOW, health: str = "healthy", host: str = "h1",
+               index: int = 0) -> State:
+    return State(host=host, index=index, health=health, timestamp=iso_utc(ts), ts=ts,
+                 temperature=60.0, memory={"used_mb": 1000.0, "total_mb": 8000.0,
+                                           "percent": 12.5})
+
+
+def make_healer_state(ts: float = NOW, host: str = "h1") -> HealerState:
+    return HealerState(host=host, enabled=True, dry_run=False, breaker_open=False,
+                       budget_left=5, budget_per_hour=6, ts=ts,
+                       cooldowns=[{"index": 0, "action": "throttle_gpu", "until_ts": NOW + 60}])
+
+
+VALID = [
+    ("samples", T.sample("h1", 0), make_sample().to_json()),
+    ("states", T.state("h1", 0), make_state().to_json()),
+    ("events", T.event("h1", 0), make_event().to_json()),
+    ("actions", T.action("h1", 0), make_action(make_event()).to_json()),
+    ("component_status", T.status("h1", "analyzer"), b"online"),
+    ("healer_states", T.healer_state("h1"), make_healer_state().to_json()),
+    ("deadletter", T.deadletter("analyzer"),
+     DeadLetter(component="analyzer", topic="p/h1/gpu/0/sample", reason="not JSON",
+                payload="{", ts=NOW).to_json()),
+]
+
+
+@pytest.mark.parametrize(("table", "topic", "payload"), VALID, ids=[v[0] for v in VALID])
+def test_valid_message_becomes_a_row_of_its_table(table: str, topic: str,
+                                                  payload: bytes) -> None:
+    rec = record_for(T, topic, payload, NOW + 5)
+    assert rec is not None
+    assert rec.table == table
+
+
+def test_sample_row_keeps_every_field_and_json_lists() -> None:
+    s = make_sample(seq=7, xids=[79], throttle_reasons=["hw_slowdown"], ecc_uncorrected=2,
+                    remapped_rows_pending=True, fan_pct=None,
+                    processes=[{"pid": 42, "name": "ollama", "used_mb": 900.0}])
+    rec = record_for(T, T.sample("h1", 0), s.to_json(), NOW + 1)
+    assert rec is not None
+    row = rec.row
+    assert (row["host"], row["gpu"], row["seq"], row["ts"]) == ("h1", 0, 7, NOW)
+    assert json.loads(row["xids"]) == [79]
+    assert json.loads(row["processes"]) == [{"pid": 42, "name": "ollama", "used_mb": 900.0}]
+    assert row["fan_pct"] is None  # missing stays NULL, never 0
+    assert row["remapped_rows_pending"] is True
+    assert row["received_ts"] == NOW + 1
+
+
+BAD = [
+    ("not JSON", T.event("h1", 0), b"{not json", "not JSON"),
+    ("not an object", T.event("h1", 0), b"[1, 2]", "not a JSON object"),
+    ("not UTF-8", T.sample("h1", 0), b"\xff\xfe", "not UTF-8"),
+    ("schema", T.event("h1", 0), b'{"v": 1, "event_id": "x"}', "invalid Event"),
+    ("NaN", T.sample("h1", 0), make_sample().to_json().replace(b'"ts":1700000000.0',
+                                                                 b'"ts":NaN'), "NaN"),
+    ("wrong version", T.action("h1", 0),
+     make_action(make_event()).to_json().replace(b'"v":1', b'"v":2'), "invalid Action"),
+    ("topic host mismatch", T.sample("h2", 0), make_sample().to_json(), "topic names host"),
+    ("topic gpu mismatch", T.event("h1", 3), make_event().to_json(), "topic names host"),
+    ("int64 overflow", T.sample("h1", 0),
+     make_sample().to_json().replace(b'"seq":1', b'"seq":99999999999999999999999'),
+     "integer out of range"),
+    ("bad status", T.status("h1", "healer"), b"sleeping", "online or offline"),
+    ("healer host mismatch", T.healer_state("h2"), make_healer_state().to_json(),
+     "topic names host"),
+    ("unknown topic", "p/h1/gpu/0/sim", b"{}", "not a topic the recorder records"),
+    ("too large", T.event("h1", 0), b"{" + b" " * (300 * 1024) + b"}", "too large"),
+]
+
+
+@pytest.mark.parametrize(("name", "topic", "payload", "reason"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_becomes_a_deadletter_row_with_the_reason(name: str, topic: str,
+                                                            payload: bytes,
+                                                            reason: str) -> None:
+    rec = record_for(T, topic, payload, NOW)
+    assert rec is not None
+    assert rec.table == "deadletter", name
+    assert reason in rec.row["reason"]
+    assert rec.row["component"] == "recorder"
+    assert rec.row["topic"] == topic
+    assert rec.row["ts"] == NOW
+
+
+def test_empty_payload_is_a_cleared_retained_topic_and_records_nothing() -> None:
+    assert record_for(T, T.state("h1", 0), b"", NOW) is None
+    assert record_for(T, T.status("h1", "publisher"), b"", NOW) is None
+
+
+def test_deadletter_payload_is_truncated_and_made_text() -> None:
+    rec = deadletter_record("p/x", b"\xff" + b"a" * 200_000, "why", NOW)
+    assert len(rec.row["payload"]) == 64 * 1024
+    assert rec.row["payload"].startswith("\ufffd")
