@@ -33,6 +33,7 @@ from analyzer.discovery import gpu_discovery, healer_discovery
 from analyzer.engine import Analyzer, Output
 from gpuheal.config.detection import AnalyzerConfig
 from gpuheal.models import (
+    MAX_JSON_DEPTH,
     MAX_PAYLOAD_BYTES,
     Event,
     PayloadError,
@@ -59,6 +60,8 @@ def parse_sample(payload: bytes) -> Sample:
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload too large: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    if payload.count(b"{") + payload.count(b"[") > MAX_JSON_DEPTH or b"\\u" in payload:
+        return parse_payload(Sample, payload)  # the shared depth and surrogate rules
     try:
         return Sample.model_validate_json(payload)
     except ValidationError:
@@ -185,9 +188,14 @@ class AnalyzerService:
         can be published, several samples of a GPU fold into one retained State (latest
         wins, as DESIGN.md allows), while Events are always published at once, in order.
         """
+        states: list[State] = []
         with self._lock:
             due, self._dirty = self._dirty, {}
-            states = [self.engine.current_state(h, i) for h, i in due]
+            for host, index in due:
+                try:
+                    states.append(self.engine.current_state(host, index))
+                except ValueError:  # one GPU's bad State must not hold back the others
+                    log.exception("analyzer: cannot build the State of %s/gpu/%d", host, index)
         for state in states:
             self.bus.publish(self._topics_of(state.host, state.index)[1], state.to_json(),
                              qos=1, retain=True)

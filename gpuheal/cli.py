@@ -250,19 +250,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from publisher.service import run
-    from recorder.replay import read_samples
+    from recorder.dbfile import RecordingError
+    from recorder.progress import track
+    from recorder.replay import count_samples, read_samples
 
-    if not args.db.is_file():
-        print(f"gpuheal replay: no such database: {args.db}", file=sys.stderr)
+    try:
+        total = count_samples(args.db, host=args.from_host, gpu=args.gpu)
+        samples = read_samples(args.db, host=args.from_host, gpu=args.gpu)
+    except RecordingError as exc:
+        print(f"gpuheal replay: {exc}", file=sys.stderr)
         return 2
+    if total == 0:
+        print(f"gpuheal replay: no recorded samples in {args.db}", file=sys.stderr)
+        return 1
     common = CommonOptions.resolve(broker=args.broker, prefix=args.prefix,
-                                   config_path=args.config,
-                                   host_name=args.host_name)
+                                   config_path=args.config, host_name=args.host_name)
     opts = PublisherOptions(
         common=common,
         source="replay",
         speed=args.speed,
-        replay_samples=read_samples(args.db, host=args.from_host, gpu=args.gpu),
+        replay_samples=track(samples, total, "replay"),
         replay_host=args.host_name,
     )
     return run_until_signalled(run, opts)

@@ -64,6 +64,12 @@ SEVERITY_RANK: dict[str, int] = {"warning": 1, "critical": 2, "emergency": 3}
 Host = Annotated[str, Field(pattern=HOST_PATTERN, min_length=1, max_length=128)]
 GpuIndex = Annotated[int, Field(ge=0, le=65535)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
+MAX_TS = 253_402_300_799.0
+"""9999-12-31T23:59:59Z: the last time an ISO 8601 timestamp can say."""
+Timestamp = Annotated[float, Field(ge=0.0, le=MAX_TS, allow_inf_nan=False)]
+"""UNIX seconds of the source clock, within what an ISO 8601 timestamp can say."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects and arrays a payload may have (any component, any stack)."""
 
 
 class Message(BaseModel):
@@ -99,7 +105,7 @@ class Sample(Message):
     uuid: str | None = None
     name: str | None = None
     source: SourceName
-    ts: Number
+    ts: Timestamp
     """Source clock, UNIX seconds."""
     seq: Annotated[int, Field(ge=0)]
     """Per (host, index) counter, increasing by one each sample of a publisher run."""
@@ -149,7 +155,7 @@ class ActiveCondition(BaseModel):
     event_id: str
     kind: ConditionKind
     severity: Severity
-    started_ts: Number
+    started_ts: Timestamp
     message: str | None = None
 
 
@@ -171,9 +177,9 @@ class State(Message):
     error_message: str | None = None
     timestamp: str
     """ISO 8601 UTC of ``ts``."""
-    ts: Number
+    ts: Timestamp
     active: list[ActiveCondition] = Field(default_factory=list)
-    analyzer_started_ts: Number | None = None
+    analyzer_started_ts: Timestamp | None = None
     """When the analyzer that wrote this state started; a newer one started clean."""
 
 
@@ -186,8 +192,8 @@ class Event(Message):
     kind: ConditionKind
     severity: Severity
     phase: Phase
-    started_ts: Number
-    ts: Number
+    started_ts: Timestamp
+    ts: Timestamp
     message: str
     evidence: dict[str, Any] = Field(default_factory=dict)
     recommended_action: ActionName | None = None
@@ -204,7 +210,7 @@ class Action(Message):
     status: ActionStatus
     reason: str | None = None
     attempt: Annotated[int, Field(ge=0)] = 1
-    ts: Number
+    ts: Timestamp
     duration_s: Number | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
 
@@ -213,7 +219,7 @@ class Cooldown(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     index: GpuIndex
     action: ActionName
-    until_ts: Number
+    until_ts: Timestamp
 
 
 class HealerState(Message):
@@ -229,7 +235,7 @@ class HealerState(Message):
     budget_per_hour: Annotated[int, Field(ge=0)]
     cooldowns: list[Cooldown] = Field(default_factory=list)
     throttled: list[GpuIndex] = Field(default_factory=list)
-    ts: Number
+    ts: Timestamp
 
 
 class HealerSet(Message):
@@ -266,7 +272,7 @@ class DeadLetter(Message):
     topic: str
     reason: str
     payload: str
-    ts: Number
+    ts: Timestamp
 
 
 class Status(BaseModel):
@@ -309,12 +315,16 @@ def parse_payload(model: type[M], payload: bytes) -> M:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PayloadError(f"not UTF-8: {exc}") from None
+    if _too_deep(text):
+        raise PayloadError(f"not JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise PayloadError(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PayloadError(f"not a JSON object: {type(data).__name__}")
+    if "\\u" in text and _has_lone_surrogate(data):
+        raise PayloadError("invalid text: a lone UTF-16 surrogate escape")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -323,6 +333,43 @@ def parse_payload(model: type[M], payload: bytes) -> M:
         raise PayloadError(
             f"invalid {model.__name__}: {where}: {first.get('msg')} ({exc.error_count()} errors)"
         ) from None
+
+
+def _too_deep(text: str) -> bool:
+    """Whether objects/arrays nest deeper than MAX_JSON_DEPTH (brackets in strings skipped).
+
+    Checked by the same rule in every component, before ``json.loads``, whose own limit is
+    Python's recursion limit and so depends on how deep the caller's stack already is."""
+    if text.count("{") + text.count("[") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif ch in "}]":
+            depth -= 1
+    return False
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """True when a ``\\uD800``-style escape left a string that cannot be UTF-8 again."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _reject_constant(name: str) -> float:

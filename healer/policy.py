@@ -211,7 +211,7 @@ class Policy:
         out = Decisions()
         if event.host != self.host:
             return out
-        self._observe(event.ts, live=True)
+        self._observe_event(event)
         key = event_key(event.event_id, event.phase, event.severity)
         if not self.guard.remember(key, self.config.guards.remember_events):
             log.info("event %s (%s, %s) was handled before; ignoring the redelivery",
@@ -331,6 +331,13 @@ class Policy:
         else:
             self.clock.observe(ts)
         self.guard.clock_ts = self.clock.now()
+
+    def _observe_event(self, event: Event) -> None:
+        """An event for a GPU whose State was seen moves event time as a live message does;
+        one for an unknown GPU (stray or forged) never touches the clock, so it cannot make
+        the next real message look like a new timeline and age cooldowns and budget away."""
+        if event.index in self.gpus:
+            self._observe(event.ts, live=True)
 
     def _rebase(self, delta: float) -> None:
         """Shift every remembered event time by ``delta`` seconds (a new timeline)."""

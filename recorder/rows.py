@@ -8,13 +8,14 @@ payload (a cleared retained topic: nothing to record).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import pydantic_core
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gpuheal.models import (
     MAX_PAYLOAD_BYTES,
@@ -85,6 +86,8 @@ def record_for(topics: Topics, topic: str, payload: bytes, received_ts: float) -
         _check_integers(record, _INT_FIELDS.get(record.table, ()))
     except PayloadError as exc:
         return deadletter_record(topic, payload, exc.reason, received_ts)
+    except (ValueError, TypeError, RecursionError) as exc:  # valid, yet not storable
+        return deadletter_record(topic, payload, f"cannot store: {exc}", received_ts)
     return record
 
 
@@ -146,6 +149,8 @@ def _action(parts: TopicParts, payload: bytes, received_ts: float) -> Record:
 
 
 def _status(parts: TopicParts, payload: bytes, received_ts: float) -> Record:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload too large: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
         value = payload.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -199,7 +204,19 @@ def to_json(value: Any) -> str | None:
     included; ``None`` stays NULL."""
     if value is None:
         return None
-    return pydantic_core.to_json(value).decode()
+    try:
+        return pydantic_core.to_json(value).decode()
+    except pydantic_core.PydanticSerializationError:
+        # deeper than pydantic's 255-level limit (JSON input may nest ~1000 levels);
+        # RecursionError/ValueError from here make the message a dead letter
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                          default=_jsonable)
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 @lru_cache(maxsize=8192)

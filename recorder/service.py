@@ -5,10 +5,13 @@
   dead letters of every host (or ``--only-host``): while the recorder is down, the broker
   keeps what it misses.
 * Manual acknowledgement: paho's network thread only appends each message to a bounded
-  buffer; the writer thread takes batches, stores them in one transaction, and only then
-  acknowledges each message (in arrival order). A message received but not committed when
-  the process dies is not acknowledged, so the broker sends it again when the session
-  resumes; the table keys turn the second copy into a no-op.
+  buffer; the writer thread takes batches (lingering ``flush_interval_s`` for them to fill),
+  stores each in one transaction, and only then queues their acknowledgements, which go out
+  in arrival order from the network thread as the next message arrives (or from the writer
+  once nothing is left to store). A message received but not committed when the process
+  dies is not acknowledged, so the broker sends it again when the session resumes; the
+  table keys turn the second copy into a no-op. The MQTT Receive Maximum
+  (``min(buffer_max, 65535)``) caps how many unacknowledged messages the broker sends.
 * Bad input (malformed, schema-invalid, inconsistent with its topic) becomes a row of the
   ``deadletter`` table with the reason, and is then acknowledged. It is not republished.
 * A locked or full disk: the batch is kept and retried with backoff (nothing is
@@ -36,7 +39,7 @@ from gpuheal.models import DeadLetter
 from gpuheal.mqtt import Bus
 from gpuheal.options import RecorderOptions
 from recorder.buffer import BoundedBuffer
-from recorder.rows import RECORDER, Record, deadletter_record, record_for, to_json
+from recorder.rows import RECORDER, Record, deadletter_record, record_for
 from recorder.schema import SchemaError
 from recorder.store import Store
 
@@ -72,6 +75,10 @@ class RecorderStats:
     dropped: int = 0
     """QoS 0 messages refused because the buffer was full."""
     write_failures: int = 0
+    unstorable: int = 0
+    """Messages that could not be stored even as a dead letter (logged, acknowledged)."""
+    batch_errors: int = 0
+    """Batches the writer failed on unexpectedly (logged, not acknowledged)."""
     degraded_since: float | None = None
     """UNIX seconds when storage started failing; None while it works."""
     retention_passes: int = 0
@@ -90,6 +97,11 @@ class Recorder:
         host = opts.common.host_name
         self.stats = RecorderStats()
         self.buffer: BoundedBuffer[Pending] = BoundedBuffer(self.cfg.buffer_max)
+        only = opts.common.only_host  # an invalid host name fails here, before any I/O
+        patterns = [self.topics.gpu_pattern(kind, only)
+                    for kind in ("sample", "state", "event", "action")]
+        patterns += [self.topics.status_pattern(only), self.topics.healer_state_pattern(only),
+                     self.topics.deadletter_pattern()]
         self.store = store or Store(opts.db, busy_timeout_s=self.cfg.busy_timeout_s,
                                     synchronous=self.cfg.synchronous)
         try:
@@ -102,11 +114,6 @@ class Recorder:
         except ValueError:
             self.store.close()
             raise
-        only = opts.common.only_host
-        patterns = [self.topics.gpu_pattern(kind, only)
-                    for kind in ("sample", "state", "event", "action")]
-        patterns += [self.topics.status_pattern(only), self.topics.healer_state_pattern(only),
-                     self.topics.deadletter_pattern()]
         for pattern in patterns:
             self.bus.subscribe(pattern, self._on_message, qos=1)
         self.bus.on_connected(self._on_connected)
@@ -134,8 +141,8 @@ class Recorder:
         if self._writer.is_alive():
             self._writer.join(self.cfg.drain_timeout_s)
         if self._writer.is_alive():
-            log.warning("recorder: %d messages not stored at exit; the broker will send the "
-                        "acknowledged-not ones again", len(self.buffer))
+            log.warning("recorder: %d messages not stored at exit; not acknowledged, so the "
+                        "broker sends them again on the next start", len(self.buffer))
             self._abort.set()
             self.buffer.wake()
             self._writer.join()
@@ -169,11 +176,16 @@ class Recorder:
                 if self._closing.is_set():
                     return
                 continue
-            topics = self.topics
-            pairs = [(p, record_for(topics, p.msg.topic, p.msg.payload, p.received_ts))
-                     for p in batch]
-            if not self._commit(pairs):
-                return  # stopping while the disk refuses writes: leave them unacknowledged
+            try:
+                topics = self.topics
+                pairs = [(p, record_for(topics, p.msg.topic, p.msg.payload, p.received_ts))
+                         for p in batch]
+                if not self._commit(pairs):
+                    return  # stopping while the disk refuses writes: leave them unacked
+            except Exception:  # a bug must not kill the writer; unacked: resent on reconnect
+                self.stats.batch_errors += 1
+                log.exception("recorder: failed to store a batch of %d messages", len(batch))
+                continue
             self.stats.last_commit_mono = time.monotonic()
             with self._acks_lock:
                 self._acks.extend(p for p in batch if p.msg.qos > 0)
@@ -227,7 +239,7 @@ class Recorder:
         except sqlite3.OperationalError:
             raise
         except _STORE_ERRORS as exc:
-            log.error("recorder: batch refused (%s); storing its rows one by one", exc)
+            log.warning("recorder: batch refused (%s); storing its rows one by one", exc)
         changed = 0
         for p, rec in pairs:
             if rec is None:
@@ -236,10 +248,17 @@ class Recorder:
                 changed += self.store.write([rec])
             except sqlite3.OperationalError:
                 raise
-            except _STORE_ERRORS as exc:
-                letter = deadletter_record(p.msg.topic, (to_json(rec.row) or "").encode(),
-                                           f"cannot store: {exc}", p.received_ts)
-                changed += self.store.write([letter])
+            except _STORE_ERRORS as exc:  # e.g. a lone surrogate SQLite cannot encode
+                letter = deadletter_record(p.msg.topic, p.msg.payload, f"cannot store: {exc}",
+                                           p.received_ts)
+                try:
+                    changed += self.store.write([letter])
+                except sqlite3.OperationalError:
+                    raise
+                except _STORE_ERRORS:
+                    self.stats.unstorable += 1
+                    log.exception("recorder: cannot store message on %s, not even as a dead "
+                                  "letter; dropping it", p.msg.topic)
         return changed
 
     def _storage_failed(self, exc: sqlite3.OperationalError) -> None:

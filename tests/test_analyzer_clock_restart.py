@@ -18,7 +18,7 @@ def test_restored_future_conditions_are_cleared_when_the_source_restarts_behind(
     for seq, ts in enumerate(range(10_000, 10_010)):
         outputs += first.process(hot(float(ts), seq))
     retained = [o for o in outputs if isinstance(o, State)][-1]
-    raised = [o for o in outputs if isinstance(o, Event)][0]
+    raised = next(o for o in outputs if isinstance(o, Event))
     assert retained.active and raised.kind == "thermal_throttling"
 
     second = Analyzer(AnalyzerConfig(), started_ts=1.0)
@@ -26,7 +26,7 @@ def test_restored_future_conditions_are_cleared_when_the_source_restarts_behind(
     # The new run's clock is 9,000 s behind the retained State; its first sample has seq 0.
     out = second.process(hot(1_000.0, 0))
     events = [o for o in out if isinstance(o, Event)]
-    assert [(e.phase, e.event_id) for e in events][0] == ("cleared", raised.event_id)
+    assert next((e.phase, e.event_id) for e in events) == ("cleared", raised.event_id)
     assert events[1].phase == "raised" and events[1].event_id != raised.event_id
     assert events[1].started_ts == 1_000.0
     # From then on the new clock is followed; a repeat of seq 0 is a duplicate.

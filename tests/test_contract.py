@@ -200,3 +200,12 @@ def test_bus_handler_errors_and_deadletters_do_not_stop_it(broker, prefix) -> No
         assert letter["component"] == "healer"
         assert bus.deadletter_count == 1 and bus.connected
         bus.stop()
+
+
+def test_example_config_documents_the_defaults() -> None:
+    from pathlib import Path
+
+    from gpuheal.config import GpuhealConfig
+
+    example = Path(__file__).resolve().parent.parent / "gpuheal.example.toml"
+    assert load_config(example) == GpuhealConfig()

@@ -120,6 +120,8 @@ BAD = [
      "topic names host"),
     ("unknown topic", "p/h1/gpu/0/sim", b"{}", "not a topic the recorder records"),
     ("too large", T.event("h1", 0), b"{" + b" " * (300 * 1024) + b"}", "too large"),
+    ("status too large", T.status("h1", "healer"), b"online" + b" " * (256 * 1024),
+     "too large"),
 ]
 
 
@@ -145,3 +147,25 @@ def test_deadletter_payload_is_truncated_and_made_text() -> None:
     rec = deadletter_record("p/x", b"\xff" + b"a" * 200_000, "why", NOW)
     assert len(rec.row["payload"]) == 64 * 1024
     assert rec.row["payload"].startswith("\ufffd")
+
+
+def test_evidence_nested_beyond_the_contract_is_a_dead_letter() -> None:
+    deep: dict[str, object] = {"x": 1}
+    for _ in range(300):
+        deep = {"x": deep}
+    payload = make_event().to_json().replace(b'"evidence":{"memory_used_mb":37000.0}',
+                                             b'"evidence":' + json.dumps(deep).encode())
+    rec = record_for(T, T.event("h1", 0), payload, NOW)
+    assert rec is not None and rec.table == "deadletter"
+    assert "nested deeper" in rec.row["reason"]
+
+
+def test_evidence_nested_to_the_contract_limit_is_stored() -> None:
+    deep: dict[str, object] = {"x": 1}
+    for _ in range(60):
+        deep = {"x": deep}
+    payload = make_event().to_json().replace(b'"evidence":{"memory_used_mb":37000.0}',
+                                             b'"evidence":' + json.dumps(deep).encode())
+    rec = record_for(T, T.event("h1", 0), payload, NOW)
+    assert rec is not None and rec.table == "events"
+    assert json.loads(rec.row["evidence"]) == deep

@@ -4,6 +4,8 @@ and a recorder killed with SIGKILL mid-stream loses and doubles nothing."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import sqlite3
@@ -24,6 +26,8 @@ from gpuheal.models import DeadLetter, Event
 from gpuheal.mqtt import BrokerURL
 from gpuheal.options import CommonOptions, RecorderOptions
 from gpuheal.topics import Topics
+from recorder.export import run_export
+from recorder.history import run_history
 from recorder.rows import record_for
 from recorder.service import Recorder, run
 from recorder.store import Store
@@ -180,6 +184,26 @@ def test_duplicates_published_twice_are_stored_once(broker: PrivateBroker, pub: 
         assert count(db, "events") == 1
         assert count(db, "actions") == 2
         assert count(db, "samples") == 1
+
+
+def test_a_message_sqlite_cannot_store_is_a_dead_letter_and_the_writer_goes_on(
+        broker: PrivateBroker, pub: Publisher, prefix: str, tmp_path: Path) -> None:
+    db = tmp_path / "rec.db"
+    t = Topics(prefix)
+    # json.loads keeps the escape as a lone surrogate, which no UTF-8 can store: the contract
+    # rejects it, and the recorder keeps it as a dead letter and goes on
+    poison = make_event(0).to_json().replace(b'"message":"out_of_memory #0 raised"',
+                                             b'"message":"\\ud800"')
+    assert b"\\ud800" in poison
+    with running(options(broker.url, prefix, db)) as rec:
+        pub.send(t.event("h1", 0), poison)
+        pub.send(t.event("h1", 0), make_event(1).to_json())
+        wait_for(lambda: count(db, "events") == 1, 10, "the event after the poison")
+        wait_for(lambda: count(db, "deadletter", "reason LIKE '%surrogate%'"), 10,
+                 "the poison as a dead letter")
+        assert rec.stats.batch_errors == 0 and rec.stats.unstorable == 0
+        pub.send(t.event("h1", 0), make_event(2).to_json())
+        wait_for(lambda: count(db, "events") == 2, 10, "the writer still storing")
 
 
 def test_only_host_records_that_host(broker: PrivateBroker, pub: Publisher, prefix: str,
@@ -345,6 +369,16 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker: PrivateBroker, pre
         statuses = [r[0] for r in query(db, "SELECT status FROM component_status WHERE "
                                             "component = 'recorder' ORDER BY id")]
         assert statuses == ["online", "offline", "online"]
+        # the recording reads back from the file alone, while the recorder still writes it
+        out = io.StringIO()
+        assert run_export(db, "actions", "jsonl", out=out, err=io.StringIO()) == 0
+        exported = {(o["action_id"], o["status"]) for o in map(json.loads,
+                                                              out.getvalue().splitlines())}
+        assert exported == stream.sent_actions
+        out = io.StringIO()
+        assert run_history(db, out=out, err=io.StringIO()) == 0
+        assert out.getvalue().count(" raised ") == len(stream.sent_events)
+        assert out.getvalue().count("clear_llm_cache  started") == len(stream.sent_actions)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, log.read_text()[-3000:]

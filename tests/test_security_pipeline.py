@@ -150,6 +150,10 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
                 p.procs[component] = subprocess.Popen(
                     component_argv(component, tmp), env=component_env(init, component),
                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            if component == "recorder":
+                watch.wait(lambda ms: any(m.topic == T.status(HOST, "recorder")
+                                          and m.payload == b"online" for m in ms), 30,
+                           f"the recorder online:\n{p.logs()}")
         yield p
     finally:
         p.stop_components()
@@ -326,10 +330,35 @@ def test_pipeline_heals_a_hang_with_least_privilege(pipeline: Pipeline) -> None:
 
 
 # --- the attacks ---------------------------------------------------------------------------
+def actions_for(p: Pipeline, event_id: str) -> list[dict[str, Any]]:
+    return [a for a in actions(p.watch.snapshot()) if a["event_id"] == event_id]
+
+
+def send_event(p: Pipeline, event: Event) -> dict[str, Any]:
+    """Publish ``event`` as the analyzer identity; the healer's first Action for it."""
+    with Speaker(p.url("analyzer")) as analyzer:
+        assert not analyzer.send(T.event(event.host, event.index), event.to_json()).is_failure
+    return p.watch.wait(lambda _m: actions_for(p, event.event_id), 10,
+                        f"the healer's answer to {event.event_id}")[0]
+
+
+def test_an_event_for_an_unseen_gpu_cannot_lift_the_cooldowns(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.assert_running()
+    ts = latest_gpu0_ts(p) + 30.0
+    control = send_event(p, forged_event(0, ts, "clock-control"))
+    if control["status"] != "skipped" or control["reason"] != "cooldown":
+        pytest.skip(f"the reset_gpu cooldown of GPU 0 is not active any more: {control}")
+    unseen = send_event(p, forged_event(7, ts + 100_000.0, "clock-jump"))
+    assert (unseen["status"], unseen["reason"]) == ("skipped", "unknown_gpu")
+    again = send_event(p, forged_event(0, latest_gpu0_ts(p) + 30.0, "clock-after"))
+    assert (again["status"], again["reason"]) == ("skipped", "cooldown"), again
+
+
 def test_publisher_cannot_forge_an_event_the_healer_acts_on(pipeline: Pipeline) -> None:
     p = pipeline
     p.assert_running()
-    forged = forged_event(0, latest_gpu0_ts(p), "publisher")
+    forged = forged_event(0, latest_gpu0_ts(p) + 30.0, "publisher")
     sentinel = f"sentinel-{uuid.uuid4().hex}"
     with Speaker(p.url("publisher")) as publisher:
         publisher.send(T.event(HOST, 0), forged.to_json(), qos=0)
@@ -367,18 +396,17 @@ def test_event_for_a_gpu_the_healer_never_saw_runs_no_actuator(pipeline: Pipelin
     p = pipeline
     p.assert_running()
     assert not [s for s in jsons(p.watch.snapshot(), "state") if s["index"] == 7]
-    forged = forged_event(7, latest_gpu0_ts(p), "analyzer")
+    forged = forged_event(7, latest_gpu0_ts(p) + 30.0, "analyzer")
     with Speaker(p.url("analyzer")) as analyzer:
         assert not analyzer.send(T.event(HOST, 7), forged.to_json()).is_failure
     p.watch.wait(lambda ms: any(m.topic == T.event(HOST, 7) for m in ms), 10,
                  "the forged event at the viewer")
     healer_round(p)
     messages = p.watch.snapshot()
-    answered = [a for a in actions(messages) if a["index"] == 7]
+    answered = [a for a in actions(messages) if a["event_id"] == forged.event_id]
     assert len(answered) <= 1, answered
-    for a in answered:
-        assert a["event_id"] == forged.event_id
-        assert (a["status"], a["reason"]) == ("skipped", "unknown_gpu"), a
+    for a in [*answered, *(a for a in actions(messages) if a["index"] == 7)]:
+        assert (a["index"], a["status"], a["reason"]) == (7, "skipped", "unknown_gpu"), a
     assert not [m for m in messages if m.topic == T.sim(HOST, 7)], "an actuator ran for GPU 7"
     assert not [a for a in actions(messages) if a["event_id"] == forged.event_id
                 and a["status"] in ("started", "succeeded", "dry_run")]
@@ -403,7 +431,7 @@ def test_components_stop_cleanly_and_the_recording_holds_it_all(pipeline: Pipeli
     assert ("reset_gpu", "verified") in db_rows(db, "select action, status from actions")
     # Nothing of the forged events but the healer's own refusal.
     rows = db_rows(db, "select event_id, status, reason from actions where event_id like "
-                       "'forged-%'")
+                       "'forged-analyzer-%' or event_id like 'forged-publisher-%'")
     assert all(r[0].startswith("forged-analyzer-") and r[1:] == ("skipped", "unknown_gpu")
                for r in rows), rows
     assert not db_rows(db, "select 1 from events where event_id like 'forged-publisher-%'")
