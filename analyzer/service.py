@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 """Wall seconds between silence checks (and pending discovery announcements)."""
+STATE_FLUSH_S = 0.1
+"""Wall seconds between two publications of retained States (latest per GPU wins)."""
 
 
 def parse_sample(payload: bytes) -> Sample:
@@ -210,6 +212,9 @@ class AnalyzerService:
                 self.flush_states()
             except Exception:  # the flusher must survive a bug in one State; it is logged
                 log.exception("analyzer: publishing states failed")
+            # At most one State per GPU per STATE_FLUSH_S of wall time: a GPU sampled faster
+            # (a replay, a flood) gets its newest State then, not every one of them.
+            stop.wait(STATE_FLUSH_S)
         self.flush_states()
 
     def tick_loop(self, stop: threading.Event) -> None:
