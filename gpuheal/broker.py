@@ -87,6 +87,9 @@ def start_broker(
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        # Its own session: a Ctrl-C in the terminal reaches the components, which still
+        # need the broker to say `offline`; whoever started the broker stops it last.
+        start_new_session=True,
     )
     log_file.close()
     deadline = time.monotonic() + timeout_s

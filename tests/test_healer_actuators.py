@@ -475,5 +475,5 @@ def test_runner_watchdog_times_out_a_stuck_actuator() -> None:
     wait_for(overdue, 5, "the watchdog")
     release.set()
     runner.shutdown()
-    runner._pool.shutdown(wait=True)
+    assert runner.join(5)
     assert [(a, r.reason) for a, r in results] == [("id1", "timeout")]

@@ -102,11 +102,17 @@ def test_up_heals_the_demo_with_verified_actions(tmp_path: Path, gpuheal_cmd: li
         finally:
             retained.stop()
         assert state["host"] == "demo-host" and state["index"] == 0
+        statuses = Collector(viewer_url, [f"{prefix}/+/+/status"]).start()
     finally:
-        os.killpg(up.pid, signal.SIGINT)
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         code = up.wait(30)
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    # Each component said goodbye through the broker before `up` stopped it.
+    offline = {m.topic.split("/")[2] for m in statuses.snapshot() if m.payload == b"offline"}
+    statuses.stop()
+    assert offline == {"publisher", "analyzer", "healer", "recorder"}, offline
+    assert "killing" not in (tmp_path / "up.log").read_text()
 
     with sqlite3.connect(db) as con:
         samples = con.execute("select count(*) from samples").fetchone()[0]
