@@ -203,6 +203,8 @@ class Policy:
             self._conclude(pending, "verified", None, out)
             self._gpu_free(index, out)
         self._check_deadlines(out)
+        if previous is None:  # events that came before this GPU's first State
+            self._gpu_free(index, out)
         self._maybe_restore(index, out)
         return out
 
@@ -224,6 +226,7 @@ class Policy:
             return out
         inc = self._incident(event)
         if event.index not in self.gpus:
+            inc.waiting = True  # decided when the GPU's first State arrives
             self._skip(inc, self._candidate(inc), "unknown_gpu", out,
                        {"message": f"no State seen for GPU {event.index} of {self.host}"})
             return out
@@ -384,6 +387,10 @@ class Policy:
         else:
             if SEVERITY_RANK[event.severity] > SEVERITY_RANK[inc.severity]:
                 inc.severity = event.severity
+                if inc.kind == "xid_error":
+                    # a worse XID brings its own catalog action (reset, a person): a new rung
+                    action = ladder_for(self.config, event)[0].action
+                    inc.rungs.append(Rung(action=action, min_severity=event.severity))
             inc.last_event_ts = max(inc.last_event_ts, event.ts)
             inc.cleared = False
             self.incidents.move_to_end(event.event_id)

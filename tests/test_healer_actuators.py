@@ -320,6 +320,15 @@ def test_power_through_nvml() -> None:
     assert nvml.calls.count(("init", None)) == nvml.calls.count(("shutdown", None)) == 2
 
 
+def test_nvml_throttle_never_raises_a_lower_limit() -> None:
+    nvml = FakeNVML()
+    nvml.limit_mw = 200_000  # the operator already runs it below 80 % of the default
+    result = PowerActuator(ActuatorsConfig(throttle_pct=80), nvml=nvml,
+                           jetson=False).run("throttle_gpu", 0, {})
+    assert result.ok and result.detail["limit_mw"] == 200_000
+    assert nvml.limit_mw == 200_000
+
+
 def test_power_nvml_permission_denied() -> None:
     result = PowerActuator(ActuatorsConfig(), nvml=FakeNVML(deny=True),
                            jetson=False).run("throttle_gpu", 0, {})

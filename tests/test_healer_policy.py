@@ -292,6 +292,38 @@ def test_unknown_gpu_is_skipped_and_published() -> None:
     assert h.actions[0].index == 5
 
 
+def test_event_before_the_first_state_is_decided_when_the_state_arrives() -> None:
+    # The analyzer publishes a sample's Events before its State: a GPU hot at its first
+    # sample must still be healed, not skipped for good as an unknown GPU.
+    h = Harness(gpus=0)
+    h.event(*THERMAL, "warning", T0 + 1)
+    assert h.log() == [("throttle_gpu", "skipped", "unknown_gpu")]
+    h.state(T0 + 1, (("e-hot", "thermal_throttling", "warning"),))
+    assert h.log()[-1] == ("throttle_gpu", "started", None)
+    assert [r.action for r in h.requests] == ["throttle_gpu"]
+
+
+def test_event_before_a_state_that_no_longer_has_it_is_not_acted_on() -> None:
+    h = Harness(gpus=0)
+    h.event(*THERMAL, "warning", T0 + 1)
+    h.state(T0 + 2)  # already healthy
+    assert h.log() == [("throttle_gpu", "skipped", "unknown_gpu")]
+    assert h.requests == []
+
+
+def test_worse_xid_escalates_to_its_own_catalog_action() -> None:
+    h = Harness(make_config(destructive_opt_in=["reset_gpu"]))
+    h.event("x1", "xid_error", "warning", T0 + 1, recommended="restart_llm_service")
+    h.result(ok=True)
+    h.event("x1", "xid_error", "critical", T0 + 2, phase="escalated", recommended="reset_gpu")
+    assert h.log()[-2:] == [("restart_llm_service", "unresolved", "escalated"),
+                            ("reset_gpu", "started", None)]
+    h.result(ok=True)
+    h.event("x1", "xid_error", "emergency", T0 + 3, phase="escalated", recommended="notify")
+    assert h.log()[-2:] == [("reset_gpu", "unresolved", "escalated"),
+                            ("notify", "skipped", "needs_human")]
+
+
 def test_other_hosts_are_ignored() -> None:
     h = Harness()
     assert h.event("x", "out_of_memory", "warning", T0 + 1, host="other").actions == []

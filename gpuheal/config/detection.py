@@ -106,8 +106,38 @@ class UnavailableConfig(ConfigModel):
     """Wall seconds; never declare a GPU silent sooner than this."""
 
 
+class DetectorOverride(ConfigModel):
+    """Thresholds for the GPUs whose name matches ``match`` on the hosts in ``hosts``.
+
+    Each section given replaces the global one whole for those GPUs (e.g. a passively cooled
+    card with its own ``[analyzer.overrides.thermal]``); the first matching override wins.
+    """
+
+    match: str = ""
+    """Case-insensitive regular expression searched in the GPU name; empty matches every GPU."""
+    hosts: list[str] = Field(default_factory=list)
+    """Hosts this override applies to; empty means every host."""
+    thermal: ThermalConfig | None = None
+    hang: HangConfig | None = None
+    xid: XidConfig | None = None
+    unavailable: UnavailableConfig | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _valid_regex(cls, value: str) -> str:
+        re.compile(value)
+        return value
+
+    def applies(self, name: str | None, host: str) -> bool:
+        if self.hosts and host not in self.hosts:
+            return False
+        return re.search(self.match, name or "", re.IGNORECASE) is not None
+
+
 class AnalyzerConfig(ConfigModel):
     memory_profiles: list[MemoryProfile] = Field(default_factory=_default_memory_profiles)
+    overrides: list[DetectorOverride] = Field(default_factory=list)
+    """Per host / GPU model thresholds for thermal, hang, XID and silence."""
     thermal: ThermalConfig = Field(default_factory=ThermalConfig)
     hang: HangConfig = Field(default_factory=HangConfig)
     xid: XidConfig = Field(default_factory=XidConfig)
@@ -116,6 +146,16 @@ class AnalyzerConfig(ConfigModel):
     """Coalesce retained State: publish at most once per this many event-time seconds per GPU
     (a change of health or of the active conditions is always published at once)."""
     ha_discovery: bool = True
+
+    def for_gpu(self, name: str | None, host: str) -> AnalyzerConfig:
+        """This config with the first matching override's sections put in place."""
+        for override in self.overrides:
+            if override.applies(name, host):
+                sections = {k: getattr(override, k) for k in ("thermal", "hang", "xid",
+                                                             "unavailable")}
+                return self.model_copy(update={k: v for k, v in sections.items()
+                                               if v is not None})
+        return self
 
     def memory_profile_for(self, name: str | None, host: str) -> MemoryProfile | None:
         """The first profile matching this GPU's name and host."""

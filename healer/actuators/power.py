@@ -169,6 +169,8 @@ class PowerActuator:
             previous_mw = int(nv.nvmlDeviceGetPowerManagementLimit(handle))
             pct = 100.0 if restore else self.config.throttle_pct
             target_mw = nvml_target_mw(default_mw, min_mw, max_mw, pct)
+            if not restore:  # a throttle never raises a limit already set lower
+                target_mw = min(target_mw, previous_mw)
             nv.nvmlDeviceSetPowerManagementLimit(handle, target_mw)
         except nv.NVMLError as exc:
             reason = ("permission_denied" if isinstance(exc, nv.NVMLError_NoPermission)

@@ -1,0 +1,75 @@
+"""The umbrella CLI as a person runs it: real subprocesses, a real broker, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from gpuheal.models import State, iso_utc
+from gpuheal.topics import Topics
+from tests.support import publish
+
+
+def run(cmd: list[str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_status_prints_every_retained_state(broker, prefix: str, gpuheal_cmd) -> None:
+    t = Topics(prefix)
+    for host, index, health in (("alpha", 0, "healthy"), ("alpha", 1, "critical"),
+                                ("beta", 0, "warning")):
+        state = State(host=host, index=index, name="NVIDIA H100 80GB HBM3", health=health,
+                      error="none" if health == "healthy" else "gpu_hang",
+                      temperature=61.0, utilization=100.0, timestamp=iso_utc(1.7e9), ts=1.7e9)
+        publish(broker.url, t.state(host, index), state.to_json(), retain=True)
+    table = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["HOST", "GPU", "NAME", "HEALTH"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1]) for r in rows] == [("alpha", "0"), ("alpha", "1"), ("beta", "0")]
+    assert "critical" in lines[2] and "gpu_hang" in lines[2]
+    as_json = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix, "--json")
+    assert [json.loads(line)["health"] for line in as_json.stdout.splitlines()] == [
+        "healthy", "critical", "warning"]
+
+
+def test_status_says_clearly_when_there_is_nothing_or_no_broker(broker, prefix,
+                                                                gpuheal_cmd) -> None:
+    empty = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix)
+    assert empty.returncode == 1 and "no GPU state" in empty.stderr
+    from gpuheal.broker import free_port
+
+    down = run(gpuheal_cmd, "status", "--broker", f"mqtt://127.0.0.1:{free_port()}",
+               "--timeout", "1")
+    assert down.returncode == 2 and "no broker answered" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+def test_bad_options_fail_with_a_clear_message(tmp_path: Path, gpuheal_cmd) -> None:
+    bad_url = run(gpuheal_cmd, "status", "--broker", "http://x")
+    assert bad_url.returncode == 2 and "mqtt://" in bad_url.stderr
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[healer.guards]\ncooldwn_s = 1\n")
+    config = run(gpuheal_cmd, "analyzer", "--config", str(typo))
+    assert config.returncode == 2 and "cooldwn_s" in config.stderr
+    assert "Traceback" not in config.stderr
+    missing = run(gpuheal_cmd, "history", "--db", str(tmp_path / "nope.db"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_broker_init_writes_a_config_and_refuses_to_overwrite(tmp_path: Path,
+                                                               gpuheal_cmd) -> None:
+    target = tmp_path / "broker"
+    first = run(gpuheal_cmd, "broker", "init", str(target), "--port", "18999")
+    assert first.returncode == 0, first.stderr
+    for name in ("mosquitto.conf", "passwd", "acl", "publisher.env", "viewer.env",
+                 "operator.env"):
+        assert (target / name).is_file(), name
+    conf = (target / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "listener 18999 127.0.0.1" in conf
+    assert "GPUHEAL_BROKER=mqtt://publisher:" in (target / "publisher.env").read_text()
+    again = run(gpuheal_cmd, "broker", "init", str(target), "--port", "18999")
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "gpuheal:" in again.stderr
