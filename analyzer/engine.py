@@ -165,11 +165,12 @@ class Analyzer:
         return track is not None and track.seen_sample
 
     # --- input ---------------------------------------------------------------------
-    def _track(self, host: str, index: int) -> GpuTrack:
+    def _track(self, host: str, index: int, name: str | None) -> GpuTrack:
         key = (host, index)
         track = self._gpus.get(key)
         if track is None:
-            track = self._gpus[key] = GpuTrack(host, index, self.config)
+            config = self.config.for_gpu(name, host)  # per host / GPU model thresholds
+            track = self._gpus[key] = GpuTrack(host, index, config)
         return track
 
     def process(self, sample: Sample) -> list[Output]:
@@ -187,7 +188,7 @@ class Analyzer:
         behind can publish only the newest State of a GPU (latest wins) and skip building
         the ones it would throw away.
         """
-        track = self._track(sample.host, sample.index)
+        track = self._track(sample.host, sample.index, sample.name)
         if not self._accept(track, sample):
             return [], False
         out: list[Event] = []
@@ -215,6 +216,9 @@ class Analyzer:
             if verdict is KEEP or (verdict is None and detector.kind not in active):
                 continue
             self._apply(track, detector.kind, verdict, sample.ts, out, sample)  # type: ignore[arg-type]
+        if out and sample.source == "replay":
+            for event in out:  # the healer records these but never acts on them
+                event.evidence["source"] = "replay"
         return out, self._state_due(track, sample.ts, force=bool(out))
 
     def current_state(self, host: str, index: int) -> State:
@@ -282,7 +286,7 @@ class Analyzer:
         key = (state.host, state.index)
         if key in self._gpus:
             return False
-        track = self._track(state.host, state.index)
+        track = self._track(state.host, state.index, state.name)
         track.name = state.name
         track.uuid = state.uuid
         track.last_ts = state.ts

@@ -142,7 +142,11 @@ class Policy:
         dry_run: bool = False,
         opted_in: Iterable[str] = (),
         clock: EventClock | None = None,
+        act_on_replay: bool = False,
     ) -> None:
+        """``act_on_replay``: act on events the analyzer derived from replayed samples (only
+        the simulated actuators do: a replay must never reset a real GPU)."""
+        self.act_on_replay = act_on_replay
         self.host = host
         self.config = config
         self.guard = guard if guard is not None else GuardState(host=host)
@@ -225,6 +229,11 @@ class Policy:
             self._check_deadlines(out)
             return out
         inc = self._incident(event)
+        if event.evidence.get("source") == "replay" and not self.act_on_replay:
+            inc.cleared = True
+            self._skip(inc, self._candidate(inc), "replayed", out,
+                       {"message": "a condition of replayed samples: recorded, not acted on"})
+            return out
         if event.index not in self.gpus:
             inc.waiting = True  # decided when the GPU's first State arrives
             self._skip(inc, self._candidate(inc), "unknown_gpu", out,

@@ -79,7 +79,7 @@ class HealerService:
         opted_in = opted_in_actions(opts)
         guard = load_guard_state(self.state_file, self.host)
         self.policy = Policy(self.host, self.config, guard, dry_run=opts.dry_run,
-                             opted_in=opted_in)
+                             opted_in=opted_in, act_on_replay=opts.source == "sim")
         self.bus = Bus(common.broker, "healer", self.host, self.topics)
         self.inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._state_lock = threading.Lock()

@@ -283,3 +283,28 @@ def test_thresholds_come_from_the_toml_config(tmp_path: Any) -> None:
     path.write_text("[analyzer.thermal]\nwarning_c = 90.0\ncritical_c = 85.0\n")
     with pytest.raises(ConfigError, match="warning_c <= critical_c"):
         load_config(path)
+
+
+def test_two_flat_samples_far_apart_do_not_confirm_a_hang() -> None:
+    """Lost samples or a slow interval: the ends of a gap say nothing of what was between."""
+    from analyzer.detectors.hang import HangDetector
+    from gpuheal.config.detection import HangConfig
+    from tests.test_analyzer_streams import mk
+
+    det = HangDetector(HangConfig())
+    stream = [mk(1000.0 + t, n, utilization_pct=100.0, power_draw_w=300.0,
+                 memory_used_mb=20000.0) for n, t in enumerate((0.0, 31.0, 62.0, 93.0))]
+    verdicts = [det.update(s) for s in stream]
+    assert all(v is None or v.severity == "warning" for v in verdicts), verdicts
+
+
+def test_a_flat_gpu_sampled_every_second_is_confirmed_once_the_window_is_full() -> None:
+    from analyzer.detectors.hang import HangDetector
+    from gpuheal.config.detection import HangConfig
+    from tests.test_analyzer_streams import mk
+
+    det = HangDetector(HangConfig())
+    verdicts = [det.update(mk(1000.0 + t, t, utilization_pct=100.0, power_draw_w=300.0,
+                              memory_used_mb=20000.0)) for t in range(32)]
+    assert verdicts[29] is None
+    assert verdicts[30] is not None and verdicts[30].severity == "critical"

@@ -244,3 +244,37 @@ def test_hold_silence_restarts_the_clocks_after_the_analyzer_was_cut_off() -> No
     a.hold_silence(1030.0)                 # the broker was away from 1002 to 1030
     assert a.check_silence(1031.0) == []
     assert len(a.check_silence(1033.5)) == 2
+
+
+def test_thresholds_per_gpu_model_and_host() -> None:
+    """A passively cooled model may run hotter: its override raises the thermal thresholds
+    for it alone, on the hosts named."""
+    from gpuheal.config.detection import DetectorOverride, ThermalConfig
+    from tests.test_analyzer_streams import mk
+
+    config = AnalyzerConfig(overrides=[DetectorOverride(
+        match="L40S", hosts=["rack1"],
+        thermal=ThermalConfig(warning_c=88.0, critical_c=90.0, emergency_c=95.0))])
+    engine = Analyzer(config, started_ts=0.0)
+
+    def thermal_events(host: str, name: str, index: int = 0) -> list[Event]:
+        out = engine.process(mk(1000.0, 0, host=host, index=index, name=name,
+                                temperature_c=86.0))
+        return [o for o in out if isinstance(o, Event) and o.kind == "thermal_throttling"]
+
+    assert thermal_events("rack1", "NVIDIA L40S") == []
+    assert [e.severity for e in thermal_events("rack2", "NVIDIA L40S")] == ["critical"]
+    assert [e.severity for e in thermal_events("rack1", "NVIDIA H100 80GB HBM3", 1)] == [
+        "critical"]
+
+
+def test_events_of_replayed_samples_say_so() -> None:
+    from tests.test_analyzer_streams import mk
+
+    engine = Analyzer(AnalyzerConfig(), started_ts=0.0)
+    live = engine.process(mk(1000.0, 0, index=0, temperature_c=86.0))
+    replayed = engine.process(mk(1000.0, 0, index=1, temperature_c=86.0).model_copy(
+        update={"source": "replay"}))
+    assert "source" not in next(o for o in live if isinstance(o, Event)).evidence
+    event = next(o for o in replayed if isinstance(o, Event))
+    assert event.evidence["source"] == "replay"

@@ -471,3 +471,18 @@ def test_ladder_validation() -> None:
         HealerConfig.model_validate({"ladders": {"oom": []}})
     with pytest.raises(ValueError, match="only destructive"):
         make_config(destructive_opt_in=["clear_llm_cache"])
+
+
+def test_replayed_conditions_are_recorded_but_never_acted_on() -> None:
+    """`gpuheal replay` into a live host's topics must not reset a real GPU."""
+    h = Harness(make_config(destructive_opt_in=["reset_gpu"]))
+    event = make_event("e-replay", "gpu_hang", "critical", T0 + 1)
+    event.evidence["source"] = "replay"
+    h._take(h.policy.on_event(event))
+    assert h.log() == [("reset_gpu", "skipped", "replayed")]
+    assert not h.requests
+    # The simulated actuators may act on a replay (that is how a recorded incident is
+    # replayed through the whole pipeline in a demo).
+    sim = Harness(make_config(destructive_opt_in=["reset_gpu"]), act_on_replay=True)
+    sim._take(sim.policy.on_event(event))
+    assert sim.log() == [("reset_gpu", "started", None)]

@@ -12,8 +12,9 @@ a healthy training step. So:
 
 Flatness is O(1): a "flat since" time with reference power and memory, reset whenever power
 moves more than ``max(power_tolerance_w, power_tolerance_pct % of the reference)`` or memory
-more than ``memory_tolerance_mb`` from the reference. A GPU doing healthy work moves its power
-and memory, so it is never confirmed.
+more than ``memory_tolerance_mb`` from the reference, or when two samples are more than a third
+of the window apart; it needs at least ``min_flat_samples`` samples. A GPU doing healthy work
+moves its power and memory, so it is never confirmed.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from gpuheal.models import Sample, Severity
 class HangDetector(Detector):
     """Windowed hang detector for one GPU (event time, constant memory)."""
 
-    __slots__ = ("_config", "_flat_since", "_hang_xids", "_ref_mem", "_ref_power",
-                 "_run_start", "_xids_seen")
+    __slots__ = ("_config", "_flat_count", "_flat_since", "_hang_xids", "_last_ts",
+                 "_ref_mem", "_ref_power", "_run_start", "_xids_seen")
     kind = "gpu_hang"
 
     def __init__(self, config: HangConfig) -> None:
@@ -39,25 +40,35 @@ class HangDetector(Detector):
         """Event time since which power and memory stayed within tolerance (None: unknown)."""
         self._ref_power = 0.0
         self._ref_mem = 0.0
+        self._flat_count = 0
+        """Samples seen since ``_flat_since``: flatness needs several observations."""
+        self._last_ts: float | None = None
         self._xids_seen: frozenset[int] = frozenset()
         """Hang XIDs seen during the current run (a subset of the 4 configured codes)."""
 
     def _end_run(self) -> None:
         self._run_start = None
         self._flat_since = None
+        self._last_ts = None
         self._xids_seen = frozenset()
 
     def _track_flat(self, ts: float, power: float | None, mem: float | None) -> None:
+        last, self._last_ts = self._last_ts, ts
         if power is None or mem is None:
             self._flat_since = None
             return
-        if self._flat_since is not None:
-            c = self._config
+        c = self._config
+        # Between two samples further apart than a third of the window anything may have
+        # happened (lost QoS 0 samples, a slow interval): flatness starts again.
+        gap = last is not None and ts - last > c.window_s / 3
+        if self._flat_since is not None and not gap:
             power_tol = max(c.power_tolerance_w, abs(self._ref_power) * c.power_tolerance_pct / 100)
             if (abs(power - self._ref_power) <= power_tol
                     and abs(mem - self._ref_mem) <= c.memory_tolerance_mb):
+                self._flat_count += 1
                 return
         self._flat_since = ts
+        self._flat_count = 1
         self._ref_power = power
         self._ref_mem = mem
 
@@ -82,7 +93,7 @@ class HangDetector(Detector):
         if sustained < c.window_s:
             return None
         flat_s = ts - self._flat_since if self._flat_since is not None else 0.0
-        flat = flat_s >= c.window_s
+        flat = flat_s >= c.window_s and self._flat_count >= c.min_flat_samples
         xids = sorted(self._xids_seen)
         evidence = {
             "utilization_pct": util,

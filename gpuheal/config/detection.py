@@ -87,6 +87,8 @@ class HangConfig(ConfigModel):
     """Power is flat while within max(tolerance_w, tolerance_pct % of the reference)."""
     memory_tolerance_mb: float = Field(default=64.0, ge=0)
     """Memory (MiB) is flat while within this of the reference."""
+    min_flat_samples: int = Field(default=5, ge=2)
+    """Flatness needs at least this many samples, none more than window_s / 3 apart."""
     hang_xids: list[int] = Field(default_factory=lambda: [8, 43, 45, 109])
     """XIDs that confirm a hang when seen during the high-utilization run."""
 
