@@ -241,7 +241,7 @@ def test_parse_smi_limits_rejects_missing(text: str) -> None:
 def test_argv_building() -> None:
     assert smi_query_limits_argv("nvidia-smi", 1) == [
         "nvidia-smi", "-i", "1", "--query-gpu=power.default_limit,power.min_limit,"
-        "power.max_limit", "--format=csv,noheader,nounits"]
+        "power.max_limit,power.limit", "--format=csv,noheader,nounits"]
     assert smi_set_limit_argv("nvidia-smi", 0, 240) == ["nvidia-smi", "-i", "0", "-pl", "240"]
     assert smi_reset_argv("/usr/bin/nvidia-smi", 3) == ["/usr/bin/nvidia-smi", "--gpu-reset",
                                                         "-i", "3"]
@@ -486,3 +486,30 @@ def test_runner_watchdog_times_out_a_stuck_actuator() -> None:
     runner.shutdown()
     assert runner.join(5)
     assert [(a, r.reason) for a, r in results] == [("id1", "timeout")]
+
+
+def test_restore_puts_back_the_operators_own_limit_not_the_default() -> None:
+    nvml = FakeNVML()
+    nvml.limit_mw = 280_000  # the operator's choice, below the 300 W default
+    actuator = PowerActuator(ActuatorsConfig(throttle_pct=80), nvml=nvml, jetson=False)
+    assert actuator.run("throttle_gpu", 0, {}).ok and nvml.limit_mw == 240_000
+    assert actuator.run("throttle_gpu", 0, {}).ok  # a second throttle keeps the first memory
+    assert actuator.run("restore_power_limit", 0, {}).ok
+    assert nvml.limit_mw == 280_000
+    assert actuator.run("restore_power_limit", 0, {}).ok  # nothing remembered: the default
+    assert nvml.limit_mw == 300_000
+
+
+def test_smi_throttle_never_raises_a_lower_limit_and_restores_it(
+        argv_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SMI_CURRENT", "200.00")
+    actuator = PowerActuator(ActuatorsConfig(nvidia_smi=FAKE_SMI), nvml=None, jetson=False)
+    assert actuator.run("throttle_gpu", 0, {}).ok
+    assert actuator.run("restore_power_limit", 0, {}).ok
+    calls = recorded(argv_log)
+    assert calls[1] == ["-i", "0", "-pl", "200"] and calls[3] == ["-i", "0", "-pl", "200"]
+
+
+def test_parse_smi_limits_reads_the_current_limit() -> None:
+    assert parse_smi_limits("300.00, 100.00, 350.00, 250.00").current_w == 250.0
+    assert parse_smi_limits("300.00, 100.00, 350.00, [N/A]").current_w is None

@@ -41,6 +41,8 @@ class PowerLimits:
     default_w: float
     min_w: float
     max_w: float
+    current_w: float | None = None
+    """The limit in force now (None when nvidia-smi does not say)."""
 
 
 def smi_target_w(limits: PowerLimits, pct: float) -> int:
@@ -51,7 +53,7 @@ def smi_target_w(limits: PowerLimits, pct: float) -> int:
 
 def smi_query_limits_argv(smi: str, index: int) -> list[str]:
     return [smi, "-i", str(validate_index(index)),
-            "--query-gpu=power.default_limit,power.min_limit,power.max_limit",
+            "--query-gpu=power.default_limit,power.min_limit,power.max_limit,power.limit",
             "--format=csv,noheader,nounits"]
 
 
@@ -62,21 +64,31 @@ def smi_set_limit_argv(smi: str, index: int, watts: int) -> list[str]:
 
 
 def parse_smi_limits(text: str) -> PowerLimits:
-    """Parse ``300.00, 100.00, 350.00`` (``--format=csv,noheader,nounits``; units tolerated).
+    """Parse ``300.00, 100.00, 350.00[, 250.00]`` (default, min, max and, when asked, the
+    current limit; ``--format=csv,noheader,nounits``; units tolerated).
 
-    Raises ValueError when a limit is missing (``[N/A]``, ``[Not Supported]``).
+    Raises ValueError when default, min or max is missing (``[N/A]``, ``[Not Supported]``);
+    a missing current limit is None.
     """
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
     fields = [f.strip().removesuffix("W").strip() for f in line.split(",")]
-    if len(fields) != 3:
-        raise ValueError(f"expected 3 power limits, got {line!r}")
+    if len(fields) not in (3, 4):
+        raise ValueError(f"expected 3 or 4 power limits, got {line!r}")
     try:
-        default_w, min_w, max_w = (float(f) for f in fields)
+        default_w, min_w, max_w = (float(f) for f in fields[:3])
     except ValueError:
         raise ValueError(f"power limits not reported: {line.strip()!r}") from None
     if not all(math.isfinite(v) and v > 0 for v in (default_w, min_w, max_w)):
         raise ValueError(f"power limits not usable: {line.strip()!r}")
-    return PowerLimits(default_w, min_w, max_w)
+    current: float | None = None
+    if len(fields) == 4:
+        try:
+            current = float(fields[3])
+        except ValueError:
+            current = None
+        if current is not None and not (math.isfinite(current) and current > 0):
+            current = None
+    return PowerLimits(default_w, min_w, max_w, current)
 
 
 def jetson_throttle_argvs(jetson_clocks: str, store_file: str) -> list[list[str]]:
@@ -117,6 +129,9 @@ class PowerActuator:
         self.config = config
         self.nvml = nvml
         self.jetson = is_jetson() if jetson is None else jetson
+        self._before_throttle: dict[int, float] = {}
+        """The limit (W) each GPU had before this healer throttled it: what a restore puts
+        back (an operator's own limit, not the default); the default when not known."""
 
     def run(self, action: str, index: int, params: dict[str, Any]) -> Result:
         t0 = time.monotonic()
@@ -167,11 +182,16 @@ class PowerActuator:
             min_mw, max_mw = (int(v) for v in
                               nv.nvmlDeviceGetPowerManagementLimitConstraints(handle))
             previous_mw = int(nv.nvmlDeviceGetPowerManagementLimit(handle))
-            pct = 100.0 if restore else self.config.throttle_pct
-            target_mw = nvml_target_mw(default_mw, min_mw, max_mw, pct)
-            if not restore:  # a throttle never raises a limit already set lower
-                target_mw = min(target_mw, previous_mw)
+            if restore:
+                before_w = self._before_throttle.get(index)
+                target_mw = (int(clamp(round(before_w * 1000), min_mw, max_mw))
+                             if before_w is not None
+                             else nvml_target_mw(default_mw, min_mw, max_mw, 100.0))
+            else:  # a throttle never raises a limit already set lower
+                target_mw = min(nvml_target_mw(default_mw, min_mw, max_mw,
+                                               self.config.throttle_pct), previous_mw)
             nv.nvmlDeviceSetPowerManagementLimit(handle, target_mw)
+            self._remember(index, restore, previous_mw / 1000.0)
         except nv.NVMLError as exc:
             reason = ("permission_denied" if isinstance(exc, nv.NVMLError_NoPermission)
                       else "nvml_error")
@@ -182,6 +202,13 @@ class PowerActuator:
         return Result(True, {"method": "nvml", "default_mw": default_mw, "min_mw": min_mw,
                              "max_mw": max_mw, "previous_mw": previous_mw,
                              "limit_mw": target_mw, "limit_w": target_mw / 1000.0})
+
+    def _remember(self, index: int, restore: bool, previous_w: float | None) -> None:
+        """Keep the pre-throttle limit until the restore (a second throttle keeps the first)."""
+        if restore:
+            self._before_throttle.pop(index, None)
+        elif previous_w is not None:
+            self._before_throttle.setdefault(index, previous_w)
 
     def _smi(self, index: int, restore: bool) -> Result:
         smi = self.config.nvidia_smi
@@ -194,10 +221,19 @@ class PowerActuator:
         except ValueError as exc:
             return Result(False, {"method": "nvidia-smi", "message": str(exc)}, 0.0,
                           "not_supported")
-        watts = smi_target_w(limits, 100.0 if restore else self.config.throttle_pct)
+        before_w = self._before_throttle.get(index)
+        if restore and before_w is not None:
+            watts = int(clamp(round(before_w), math.ceil(limits.min_w),
+                              math.floor(limits.max_w)))
+        else:
+            watts = smi_target_w(limits, 100.0 if restore else self.config.throttle_pct)
+        if not restore and limits.current_w is not None:  # never raise a lower limit
+            watts = min(watts, max(math.ceil(limits.min_w), math.floor(limits.current_w)))
         outcome = run_command(smi_set_limit_argv(smi, index, watts),
                               self.config.command_timeout_s)
         result = outcome_result(outcome)
+        if result.ok:
+            self._remember(index, restore, limits.current_w)
         detail = {"method": "nvidia-smi", "default_w": limits.default_w, "min_w": limits.min_w,
                   "max_w": limits.max_w, "limit_w": watts, **result.detail}
         return Result(result.ok, detail, 0.0, result.reason)
