@@ -203,9 +203,14 @@ def test_bus_handler_errors_and_deadletters_do_not_stop_it(broker, prefix) -> No
 
 
 def test_example_config_documents_the_defaults() -> None:
+    """gpuheal.example.toml loads to the defaults and is what the generator writes now."""
+    import runpy
     from pathlib import Path
 
     from gpuheal.config import GpuhealConfig
 
-    example = Path(__file__).resolve().parent.parent / "gpuheal.example.toml"
+    repo = Path(__file__).resolve().parent.parent
+    example = repo / "gpuheal.example.toml"
     assert load_config(example) == GpuhealConfig()
+    render = runpy.run_path(str(repo / "scripts" / "example_config.py"))["render"]
+    assert example.read_text() == render(), "run scripts/example_config.py > gpuheal.example.toml"
