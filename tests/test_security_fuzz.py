@@ -984,7 +984,7 @@ def test_payload_text_never_reaches_a_command_line(tmp_path: Path,
     assert calls, "no command ran"
     allowed = {record, smi, "restart", "stop", "llm", "users", "-i", "0", "-pl", "240", "300",
                "--gpu-reset", "--query-compute-apps=pid", "--format=csv,noheader",
-               "--query-gpu=power.default_limit,power.min_limit,power.max_limit",
+               "--query-gpu=power.default_limit,power.min_limit,power.max_limit,power.limit",
                "--format=csv,noheader,nounits"}
     for argv in calls:
         assert set(argv) <= allowed, argv
