@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tls-cert", help="server certificate")
     b.add_argument("--tls-key", help="server key")
     b.add_argument("--tls-port", type=int, default=8883)
+    b.add_argument("--tls-host", help="host name remote clients use (in the certificate)")
     return parser
 
 
@@ -299,8 +300,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             print("gpuheal broker init: --tls-ca, --tls-cert and --tls-key go together",
                   file=sys.stderr)
             return 2
-        tls = TlsPaths(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
-                       port=args.tls_port)
+        tls = TlsPaths(ca=Path(args.tls_ca), cert=Path(args.tls_cert), key=Path(args.tls_key),
+                       port=args.tls_port, public_host=args.tls_host)
     result = init_broker(args.dir, args.port, prefix=args.prefix, tls=tls, force=args.force)
     print(f"wrote {result.conf_path}")
     print(f"run it:  mosquitto -c {result.conf_path}")

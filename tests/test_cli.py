@@ -73,3 +73,23 @@ def test_broker_init_writes_a_config_and_refuses_to_overwrite(tmp_path: Path,
     again = run(gpuheal_cmd, "broker", "init", str(target), "--port", "18999")
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "gpuheal:" in again.stderr
+
+
+def test_broker_init_adds_a_tls_listener_from_the_command_line(tmp_path: Path,
+                                                                gpuheal_cmd) -> None:
+    for name in ("ca.crt", "server.crt", "server.key"):
+        (tmp_path / name).write_text("PEM\n")
+    target = tmp_path / "broker"
+    done = run(gpuheal_cmd, "broker", "init", str(target), "--port", "18997",
+               "--tls-ca", str(tmp_path / "ca.crt"), "--tls-cert", str(tmp_path / "server.crt"),
+               "--tls-key", str(tmp_path / "server.key"), "--tls-port", "8884",
+               "--tls-host", "broker.example.net")
+    assert done.returncode == 0, done.stderr
+    conf = (target / "mosquitto.conf").read_text()
+    assert "listener 8884 0.0.0.0" in conf and f"cafile {tmp_path / 'ca.crt'}" in conf
+    env = (target / "healer.env").read_text()
+    assert "GPUHEAL_BROKER_TLS=mqtts://healer:" in env
+    assert "@broker.example.net:8884?ca=" in env
+    half = run(gpuheal_cmd, "broker", "init", str(tmp_path / "other"), "--tls-ca",
+               str(tmp_path / "ca.crt"))
+    assert half.returncode == 2 and "go together" in half.stderr
