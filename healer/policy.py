@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 MAX_INCIDENTS = 1024
 REWIND_S = 120.0
 """A live message this many event-time seconds older than the clock starts a new timeline."""
+RETRY_WHEN_LIFTED = frozenset({"paused", "breaker_open", "cooldown", "budget_exhausted"})
+"""Skip reasons that pass: the incident is decided again when the guard no longer blocks."""
 POWER_ACTIONS = frozenset({"throttle_gpu", "restore_power_limit"})
 
 
@@ -107,6 +109,9 @@ class Incident:
     """Decisions taken so far; the next one is ``attempts + 1``."""
     waiting: bool = False
     """Skipped as ``busy``: decided again once the GPU is free."""
+    blocked: str | None = None
+    """Skipped by a guard that lifts by itself or by a person (``paused``, ``breaker_open``,
+    ``cooldown``, ``budget_exhausted``): decided again once that guard no longer blocks."""
     cleared: bool = False
     done: bool = False
     """The ladder is exhausted: nothing more is automated for this incident."""
@@ -326,10 +331,31 @@ class Policy:
         return out
 
     def tick(self) -> Decisions:
-        """Check verification deadlines against the newest event time."""
+        """Check verification deadlines against the newest event time, and decide again the
+        incidents a guard held back once it no longer does."""
         out = Decisions()
         self._check_deadlines(out)
+        self._retry_blocked(out)
         return out
+
+    def _retry_blocked(self, out: Decisions) -> None:
+        """An incident skipped by a passing guard is decided again when that guard lifts
+        (healing resumed, breaker reset, cooldown over, budget back): a condition that is
+        still there gets its action then. Still blocked: no new message, unless the reason
+        changed."""
+        for inc in list(self.incidents.values()):
+            if inc.blocked is None or inc.cleared or inc.done or inc.index not in self.gpus:
+                continue
+            if inc.event_id not in {c.event_id for c in self.gpus[inc.index].active}:
+                continue  # only a condition the newest State still holds is acted on
+            target = rung_for(inc.rungs, inc.severity)
+            if target is None or target <= inc.rung:
+                inc.blocked = None
+                continue
+            blocked = self._guard_reason(inc, inc.rungs[target].action)
+            if blocked is not None and blocked[0] in (inc.blocked, "busy"):
+                continue
+            self._decide(inc, target, out)
 
     # --- event time ---------------------------------------------------------------------
     def _observe(self, ts: float, live: bool) -> None:
@@ -439,10 +465,13 @@ class Policy:
             reason, detail = blocked
             if reason == "busy":
                 inc.waiting = True  # decided again once the GPU is free
+            elif reason in RETRY_WHEN_LIFTED:
+                inc.blocked = reason  # decided again once the guard lifts
             else:
                 inc.rung = max(inc.rung, rung)
             self._skip(inc, action, reason, out, detail)
             return
+        inc.blocked = None
         inc.rung = max(inc.rung, rung)
         if self.dry_run:
             attempt = self._next_attempt(inc)

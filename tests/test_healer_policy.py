@@ -486,3 +486,51 @@ def test_replayed_conditions_are_recorded_but_never_acted_on() -> None:
     sim = Harness(make_config(destructive_opt_in=["reset_gpu"]), act_on_replay=True)
     sim._take(sim.policy.on_event(event))
     assert sim.log() == [("reset_gpu", "started", None)]
+
+
+def test_a_condition_held_back_by_pause_is_healed_when_healing_resumes() -> None:
+    h = Harness(make_config())
+    h.set(enabled=False)
+    h.state(T0 + 1, ((*OOM, "warning"),))
+    h.event(*OOM, "warning", T0 + 1)
+    assert h.log() == [("clear_llm_cache", "skipped", "paused")]
+    h.state(T0 + 2, ((*OOM, "warning"),))
+    h._take(h.policy.tick())
+    assert h.log() == [("clear_llm_cache", "skipped", "paused")]  # no repeat while paused
+    h.set(enabled=True)
+    h.state(T0 + 3, ((*OOM, "warning"),))
+    h._take(h.policy.tick())
+    assert h.log()[-1] == ("clear_llm_cache", "started", None)
+    assert len(h.requests) == 1
+
+
+def test_a_condition_in_cooldown_is_acted_on_when_the_cooldown_ends() -> None:
+    h = Harness(make_config(cooldown_s=100))
+    h.state(T0 + 1, (("a", "out_of_memory", "warning"),))
+    h.event("a", "out_of_memory", "warning", T0 + 1)
+    h.result()
+    h.state(T0 + 2)
+    h.event("a", "out_of_memory", "warning", T0 + 2, phase="cleared")
+    assert h.log()[-1] == ("clear_llm_cache", "verified", None)
+    h.state(T0 + 10, (("b", "out_of_memory", "warning"),))
+    h.event("b", "out_of_memory", "warning", T0 + 10)
+    assert h.log()[-1] == ("clear_llm_cache", "skipped", "cooldown")
+    h.state(T0 + 50, (("b", "out_of_memory", "warning"),))
+    h._take(h.policy.tick())
+    assert h.log()[-1] == ("clear_llm_cache", "skipped", "cooldown")  # said once
+    assert sum(1 for a in h.log() if a[2] == "cooldown") == 1
+    h.state(T0 + 102, (("b", "out_of_memory", "warning"),))
+    h._take(h.policy.tick())
+    assert h.log()[-1] == ("clear_llm_cache", "started", None)
+
+
+def test_a_held_back_condition_that_cleared_meanwhile_is_left_alone() -> None:
+    h = Harness(make_config())
+    h.set(enabled=False)
+    h.state(T0 + 1, ((*OOM, "warning"),))
+    h.event(*OOM, "warning", T0 + 1)
+    h.state(T0 + 5)  # the condition went away by itself
+    h.set(enabled=True)
+    h._take(h.policy.tick())
+    assert h.log() == [("clear_llm_cache", "skipped", "paused")]
+    assert not h.requests
