@@ -126,7 +126,7 @@ def run_up(opts: UpOptions, stop: threading.Event) -> int:
         log.info("started a private Mosquitto on 127.0.0.1:%d", url.port)
     source = resolve_source(opts.publisher.source, opts.publisher.nvidia_smi,
                             opts.publisher.tegrastats)
-    _print_banner(opts, url, urls, source, broker is not None)
+    _print_banner(opts, url, source, broker is not None)
 
     children: dict[str, subprocess.Popen[bytes]] = {}
     code = 0
@@ -162,8 +162,7 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], timeout_s: floa
             proc.wait()
 
 
-def _print_banner(opts: UpOptions, url: BrokerURL, urls: dict[str, str], source: str,
-                  private: bool) -> None:
+def _print_banner(opts: UpOptions, url: BrokerURL, source: str, private: bool) -> None:
     p = opts.common.prefix
     lines = [f"gpuheal up: host {opts.common.host_name}, source {source}, db {opts.db}"]
     if private and not opts.insecure_broker:
