@@ -124,3 +124,58 @@ def publish(url: str, topic: str, payload: bytes | str, qos: int = 1, retain: bo
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+class Speaker:
+    """One paho connection (with the URL's credentials, if any) that publishes and reports
+    each PUBACK's reason code: what the broker said to a publish, e.g. Not authorized."""
+
+    def __init__(self, url: str) -> None:
+        from gpuheal.mqtt import BrokerURL
+
+        broker = BrokerURL.parse(url)
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  protocol=paho.MQTTv5)
+        if broker.username is not None:
+            self.client.username_pw_set(broker.username, broker.password)
+        self._acks: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.connect_rc: Any = None
+        self.dropped = threading.Event()
+        """Set when the broker closes the connection (paho then reconnects by itself)."""
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda _c, _u, _f, _rc, _p: self.dropped.set()
+        self.client.on_publish = self._on_publish
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self._connected.wait(5), "speaker: no CONNACK"
+        assert not self.connect_rc.is_failure, f"speaker refused: {self.connect_rc}"
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        self.connect_rc = reason_code
+        self._connected.set()
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, reason_code: Any, _p: Any) -> None:
+        with self._lock:
+            self._acks[mid] = reason_code
+
+    def send(self, topic: str, payload: bytes | str, qos: int = 1,
+             retain: bool = False) -> Any:
+        """Publish; for QoS 1 wait for the PUBACK and return its reason code (QoS 0: None)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos == 0:
+            return None
+        wait_for(lambda: info.mid in self._acks, 10, f"PUBACK for {topic}")
+        with self._lock:
+            return self._acks[info.mid]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Speaker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -39,7 +39,7 @@ from gpuheal.broker_init import (
 from gpuheal.models import MAX_PAYLOAD_BYTES
 from gpuheal.mqtt import BrokerURL, Bus
 from gpuheal.topics import Topics
-from tests.support import Collector, Received, wait_for
+from tests.support import Collector, Received, Speaker, wait_for
 
 PREFIX = "sec"
 T = Topics(PREFIX)
@@ -97,48 +97,6 @@ def connect_reason(url: str, protocol: int = paho.MQTTv5, timeout_s: float = 5.0
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-class Speaker:
-    """One authenticated paho connection that publishes and reports each PUBACK reason."""
-
-    def __init__(self, url: str) -> None:
-        broker = BrokerURL.parse(url)
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  protocol=paho.MQTTv5)
-        self.client.username_pw_set(broker.username, broker.password)
-        self._acks: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        self._connected = threading.Event()
-        self.connect_rc: Any = None
-        self.dropped = threading.Event()
-        """Set when the broker closes the connection (paho then reconnects by itself)."""
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda _c, _u, _f, _rc, _p: self.dropped.set()
-        self.client.on_publish = self._on_publish
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._connected.wait(5), "speaker: no CONNACK"
-        assert not self.connect_rc.is_failure, f"speaker refused: {self.connect_rc}"
-
-    def _on_connect(self, _c, _u, _f, reason_code, _p) -> None:
-        self.connect_rc = reason_code
-        self._connected.set()
-
-    def _on_publish(self, _c, _u, mid, reason_code, _p) -> None:
-        with self._lock:
-            self._acks[mid] = reason_code
-
-    def send(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Any:
-        """Publish; for QoS 1 wait for the PUBACK and return its reason code."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        wait_for(lambda: info.mid in self._acks, 5, f"PUBACK for {topic}")
-        with self._lock:
-            return self._acks[info.mid]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def token() -> str:

@@ -48,11 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gpuheal.broker import MOSQUITTO_DIR, PrivateBroker, start_local_broker
 from gpuheal.config import ActuatorsConfig
@@ -71,7 +69,6 @@ from gpuheal.models import (
     iso_utc,
     parse_payload,
 )
-from gpuheal.mqtt import BrokerURL
 from gpuheal.options import AnalyzerOptions, CommonOptions, HealerOptions, RecorderOptions
 from gpuheal.topics import Topics
 from healer.actuators import InvalidIndexError, validate_index
@@ -86,7 +83,7 @@ from healer.actuators.power import (
 )
 from healer.actuators.reset import ResetActuator, smi_compute_apps_argv, smi_reset_argv
 from tests.conftest import FIXTURES, REPO
-from tests.support import Collector, Received, wait_for
+from tests.support import Collector, Received, Speaker, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -488,31 +485,6 @@ fuzz_cases = st.sampled_from(FUZZ_TOPICS).flatmap(
 
 
 # --- the system under fuzz ---------------------------------------------------------------
-class Speaker:
-    """One anonymous connection to the open broker that publishes with QoS 1 and waits."""
-
-    def __init__(self, url: str) -> None:
-        broker = BrokerURL.parse(url)
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  protocol=paho.MQTTv5)
-        self._connected = threading.Event()
-        self.dropped = threading.Event()
-        self.client.on_connect = lambda *_a: self._connected.set()
-        self.client.on_disconnect = lambda *_a: self.dropped.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._connected.wait(5), "speaker: no CONNACK"
-
-    def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"not acknowledged: {topic}"
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @dataclass
 class Sent:
     topic: str
@@ -543,7 +515,7 @@ class System:
         entry = Sent(topic, payload, retain)
         self.ledger.append(entry)
         self.mine.add((topic, payload))
-        self.speaker.send(topic, payload, retain)
+        self.speaker.send(topic, payload, retain=retain)
         self.sentinel(topic, cursor)
         after = self.watch.snapshot()[cursor:]
         entry.delivered = any(m.topic == topic and m.payload == payload for m in after)

@@ -28,7 +28,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,9 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gpuheal.broker import PrivateBroker, free_port, start_broker
 from gpuheal.broker_init import BrokerInit, init_broker, read_env_file
@@ -53,9 +50,8 @@ from gpuheal.models import (
     State,
     parse_payload,
 )
-from gpuheal.mqtt import BrokerURL
 from gpuheal.topics import Topics
-from tests.support import Collector, Received, wait_for
+from tests.support import Collector, Received, Speaker, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -162,53 +158,6 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
 
 
 # --- helpers -------------------------------------------------------------------------------
-class Speaker:
-    """One authenticated connection that publishes and reports each PUBACK's reason."""
-
-    def __init__(self, url: str) -> None:
-        broker = BrokerURL.parse(url)
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  protocol=paho.MQTTv5)
-        self.client.username_pw_set(broker.username, broker.password)
-        self._acks: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        self._connected = threading.Event()
-        self.connect_rc: Any = None
-        self.client.on_connect = self._on_connect
-        self.client.on_publish = self._on_publish
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        assert self._connected.wait(5), "speaker: no CONNACK"
-        assert not self.connect_rc.is_failure, f"speaker refused: {self.connect_rc}"
-
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
-        self.connect_rc = reason_code
-        self._connected.set()
-
-    def _on_publish(self, _c: Any, _u: Any, mid: int, reason_code: Any, _p: Any) -> None:
-        with self._lock:
-            self._acks[mid] = reason_code
-
-    def send(self, topic: str, payload: bytes | str, qos: int = 1) -> Any:
-        """Publish; for QoS 1 wait for the PUBACK and return its reason code."""
-        info = self.client.publish(topic, payload, qos=qos)
-        if qos == 0:
-            return None
-        wait_for(lambda: info.mid in self._acks, 5, f"PUBACK for {topic}")
-        with self._lock:
-            return self._acks[info.mid]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def __enter__(self) -> Speaker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def jsons(messages: list[Received], kind: str) -> list[dict[str, Any]]:
     """The JSON payloads of the messages of one kind (``sample``, ``state``, ``action``...)."""
     out = []
