@@ -2,56 +2,55 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from string import Template
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO_DIR = REPO_ROOT / "mosquitto"
+from gpuheal.net import free_port, port_answers
+from gpuheal.procs import find_executable
+
+MOSQUITTO_BIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
+"""Where Debian and source builds put Mosquitto's programs (outside a user's PATH)."""
+
+__all__ = ["BrokerError", "PrivateBroker", "find_mosquitto", "free_port", "port_answers",
+           "read_template", "render_local_config", "start_broker", "start_local_broker"]
 
 
 class BrokerError(RuntimeError):
     """The private broker could not be started."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_answers(host: str, port: int, timeout_s: float = 0.5) -> bool:
+def read_template(name: str) -> str:
+    """A broker config template shipped inside the package (``gpuheal/data/mosquitto/``), so
+    that a wheel install works as well as a checkout."""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+        return resources.files("gpuheal").joinpath("data", "mosquitto", name).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        raise BrokerError(f"broker config template {name} is missing from the gpuheal "
+                          "package (a broken install?)") from None
 
 
-def render_local_config(port: int, data_dir: Path, template: Path | None = None) -> str:
-    """The local broker config (``mosquitto/local.conf.tmpl``) for this port and data dir."""
-    tmpl = template or MOSQUITTO_DIR / "local.conf.tmpl"
-    if not tmpl.is_file():
-        raise BrokerError(f"broker config template not found: {tmpl}")
-    return Template(tmpl.read_text()).substitute(port=port, data_dir=str(data_dir))
+def render_local_config(port: int, data_dir: Path) -> str:
+    """The local broker config (``local.conf.tmpl``) for this port and data dir."""
+    return Template(read_template("local.conf.tmpl")).substitute(port=port,
+                                                                 data_dir=str(data_dir))
+
+
+def mosquitto_program(name: str) -> str:
+    """Mosquitto's ``name`` program (``mosquitto``, ``mosquitto_passwd``), or BrokerError."""
+    exe = find_executable(name, [f"{d}/{name}" for d in MOSQUITTO_BIN_DIRS])
+    if exe is None:
+        raise BrokerError(f"{name} is not installed: run `sudo apt-get install mosquitto` "
+                          "or point --broker at a running broker")
+    return exe
 
 
 def find_mosquitto() -> str:
-    exe = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
-        None,
-    )
-    if exe is None:
-        raise BrokerError(
-            "mosquitto is not installed: run `sudo apt-get install mosquitto` "
-            "or point --broker at a running broker"
-        )
-    return exe
+    return mosquitto_program("mosquitto")
 
 
 @dataclass
@@ -78,9 +77,11 @@ class PrivateBroker:
 
 
 def start_broker(
-    config_path: Path, port: int, log_path: Path, timeout_s: float = 10.0
+    config_path: Path, port: int, log_path: Path, timeout_s: float = 10.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> PrivateBroker:
-    """Start ``mosquitto -c config_path`` and wait until ``port`` accepts connections."""
+    """Start ``mosquitto -c config_path`` and wait until ``port`` accepts connections
+    (``preexec_fn`` runs in the child before exec, e.g. to die with its parent)."""
     log_file = log_path.open("ab")
     proc = subprocess.Popen(
         [find_mosquitto(), "-c", str(config_path)],
@@ -90,6 +91,7 @@ def start_broker(
         # Its own session: a Ctrl-C in the terminal reaches the components, which still
         # need the broker to say `offline`; whoever started the broker stops it last.
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
     log_file.close()
     deadline = time.monotonic() + timeout_s

@@ -1,6 +1,6 @@
 """`gpuheal broker init DIR`: a locked-down Mosquitto config with one identity per role.
 
-Writes into DIR, from the templates in ``mosquitto/``:
+Writes into DIR, from the templates in ``gpuheal/data/mosquitto/``:
 
 * ``mosquitto.conf`` (``secure.conf.tmpl``): a listener on ``host:port`` (127.0.0.1 by
   default), no anonymous access, the password file, the ACL, persistence under ``DIR/data/``,
@@ -9,7 +9,8 @@ Writes into DIR, from the templates in ``mosquitto/``:
   passwords never appear on a command line);
 * ``acl`` (``acl.tmpl``): least privilege per identity, topics built from the prefix;
 * ``<identity>.env`` per identity (``publisher``, ``analyzer``, ``healer``, ``recorder``,
-  ``viewer``, ``operator``, plus ``publisher-<host>``/``healer-<host>`` for ``per_host``):
+  ``dashboard``, ``viewer``, ``operator``, plus ``publisher-<host>``/``healer-<host>`` for
+  ``per_host``):
   ``GPUHEAL_BROKER=mqtt://<user>:<password>@host:port`` and the prefixes, mode 0600.
 
 Then ``mosquitto -c DIR/mosquitto.conf`` runs it, or
@@ -22,21 +23,21 @@ import os
 import pwd
 import re
 import secrets
-import shutil
 import stat
-import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from urllib.parse import quote
 
-from gpuheal.broker import MOSQUITTO_DIR
-from gpuheal.models import MAX_PAYLOAD_BYTES
+from gpuheal.broker import BrokerError, mosquitto_program, read_template
 from gpuheal.mqtt import BrokerURL, BrokerURLError
-from gpuheal.topics import HOST_RE, Topics
+from gpuheal.procs import run_command
+from gpuheal.topics import Topics, valid_host
+from gpuheal.wire import MAX_PAYLOAD_BYTES
 
-IDENTITIES = ("publisher", "analyzer", "healer", "recorder", "viewer", "operator")
+IDENTITIES = ("publisher", "analyzer", "healer", "recorder", "dashboard", "viewer",
+              "operator")
 """The broker users every ``broker init`` writes, one env file each."""
 PER_HOST_ROLES = ("publisher", "healer")
 """The roles that get a ``<role>-<host>`` identity per host with ``per_host``."""
@@ -230,11 +231,11 @@ def new_password() -> str:
 
 def render_acl(prefix: str, discovery_prefix: str = "homeassistant",
                per_host: Iterable[str] = ()) -> str:
-    """The ACL file text (``mosquitto/acl.tmpl``) for this prefix and these hosts."""
+    """The ACL file text (``gpuheal/data/mosquitto/acl.tmpl``) for this prefix and these hosts."""
     main, sections = _load_template("acl.tmpl")
     block = sections.get("per_host")
     if block is None:
-        raise BrokerInitError("mosquitto/acl.tmpl has no `#@@ per_host @@` section")
+        raise BrokerInitError("acl.tmpl has no `#@@ per_host @@` section")
     hosts = "".join(
         "\n" + Template(block).substitute(prefix=prefix, host=h) for h in per_host
     )
@@ -243,13 +244,13 @@ def render_acl(prefix: str, discovery_prefix: str = "homeassistant",
 
 def render_config(settings_dir: Path, port: int, host: str = "127.0.0.1",
                   tls: TlsPaths | None = None, run_as: str | None = None) -> str:
-    """The ``mosquitto.conf`` text (``mosquitto/secure.conf.tmpl``) for a broker dir."""
+    """The ``mosquitto.conf`` text (``secure.conf.tmpl``) for a broker dir."""
     main, sections = _load_template("secure.conf.tmpl")
     tls_text = ""
     if tls is not None:
         block = sections.get("tls_listener")
         if block is None:
-            raise BrokerInitError("mosquitto/secure.conf.tmpl has no `#@@ tls_listener @@`")
+            raise BrokerInitError("secure.conf.tmpl has no `#@@ tls_listener @@` section")
         tls_text = "\n" + Template(block).substitute(
             tls_port=tls.port,
             tls_bind=tls.bind,
@@ -298,7 +299,7 @@ def _settings(
         raise BrokerInitError(f"invalid listener address {host!r}")
     hosts = tuple(dict.fromkeys(per_host))
     for h in hosts:
-        if not HOST_RE.match(h or ""):
+        if not valid_host(h):
             raise BrokerInitError(f"invalid host name {h!r}: must match [A-Za-z0-9_-]+")
     if run_as is not None and not re.match(r"^[a-z_][a-z0-9_-]*\$?$", run_as):
         raise BrokerInitError(f"invalid account name for `user`: {run_as!r}")
@@ -459,17 +460,15 @@ def _write(settings: _Settings, passwords: dict[str, str], rewrite_passwd: bool)
 
 
 def _render_env(ident: str, url: str, tls_url: str | None, settings: _Settings) -> str:
+    """``KEY=VALUE`` lines only (no comment), so that each of ``env $(cat FILE) gpuheal ...``,
+    ``gpuheal ... --env-file FILE``, systemd's ``EnvironmentFile=`` and ``set -a; . FILE``
+    reads it. ``GPUHEAL_BROKER_TLS`` is the same identity over TLS, for other machines."""
     lines = [
-        f"# gpuheal broker identity {ident!r}, {MARKER} {settings.dir}`.",
-        "# A secret (mode 0600). Use: systemd EnvironmentFile=, docker --env-file,",
-        f"# or `set -a; . ./{ident}.env; set +a` before running gpuheal.",
         f"GPUHEAL_BROKER={url}",
         f"GPUHEAL_PREFIX={settings.prefix}",
         f"GPUHEAL_DISCOVERY_PREFIX={settings.discovery_prefix}",
     ]
     if tls_url is not None:
-        lines.insert(3, "# From another machine, over TLS: use GPUHEAL_BROKER_TLS as "
-                        "GPUHEAL_BROKER.")
         lines.append(f"GPUHEAL_BROKER_TLS={tls_url}")
     return "\n".join(lines) + "\n"
 
@@ -489,29 +488,19 @@ def _password_from_env(path: Path, ident: str) -> str | None:
 
 def _write_passwd(path: Path, passwords: dict[str, str], owner: tuple[int, int] | None) -> None:
     """Hash the passwords with ``mosquitto_passwd -U`` on a 0600 plain file, then move it."""
-    exe = shutil.which("mosquitto_passwd") or next(
-        (p for p in ("/usr/bin/mosquitto_passwd", "/usr/local/bin/mosquitto_passwd")
-         if Path(p).exists()),
-        None,
-    )
-    if exe is None:
-        raise BrokerInitError(
-            "mosquitto_passwd is not installed: run `sudo apt-get install mosquitto`"
-        )
+    try:
+        exe = mosquitto_program("mosquitto_passwd")
+    except BrokerError as exc:
+        raise BrokerInitError(str(exc)) from None
     plain = path.with_name(f".{path.name}.plain")
     plain.unlink(missing_ok=True)
     try:
         fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.writelines(f"{user}:{pw}\n" for user, pw in passwords.items())
-        done = subprocess.run(
-            [exe, "-U", str(plain)], capture_output=True, text=True, timeout=60, check=False
-        )
-        if done.returncode != 0:
-            raise BrokerInitError(
-                f"mosquitto_passwd -U failed ({done.returncode}): "
-                f"{(done.stderr or done.stdout).strip()}"
-            )
+        done = run_command([exe, "-U", str(plain)], timeout_s=60)
+        if not done.ok:
+            raise BrokerInitError(f"mosquitto_passwd -U failed: {done.summary()}")
         if owner is not None:
             os.chown(plain, *owner)
         os.replace(plain, path)
@@ -558,8 +547,9 @@ def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
 
 def _load_template(name: str) -> tuple[str, dict[str, str]]:
     """A template's main text and its ``#@@ name @@`` sections (each to the next marker)."""
-    path = MOSQUITTO_DIR / name
-    if not path.is_file():
-        raise BrokerInitError(f"broker config template not found: {path}")
-    pieces = _SECTION_RE.split(path.read_text())
+    try:
+        text = read_template(name)
+    except BrokerError as exc:
+        raise BrokerInitError(str(exc)) from None
+    pieces = _SECTION_RE.split(text)
     return pieces[0], dict(zip(pieces[1::2], pieces[2::2], strict=True))

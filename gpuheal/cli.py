@@ -1,139 +1,97 @@
 """The umbrella CLI: ``gpuheal <command>``. It parses options and calls the library.
 
-This is the only module that composes the four components; they never import each other.
+This is the only module that composes the components; they never import each other. Every
+command fails the same way: one line ``gpuheal <command>: <why>`` on stderr and an exit code
+(:mod:`gpuheal.runtime`: 0 done, 1 failed, 2 could not start).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
+import os
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from gpuheal import __version__
 from gpuheal.broker import BrokerError
-from gpuheal.broker_init import BrokerInitError
+from gpuheal.broker_init import BrokerInitError, read_env_file
 from gpuheal.config import ConfigError
 from gpuheal.mqtt import BrokerURLError
 from gpuheal.options import (
     AnalyzerOptions,
     CommonOptions,
+    DashboardOptions,
     HealerOptions,
     PublisherOptions,
     RecorderOptions,
+    positive_float,
 )
-
-log = logging.getLogger("gpuheal")
-
-SOURCES = ["auto", "nvml", "nvidia-smi", "jetson", "sim"]
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser, *, only_host: bool = False) -> None:
-    g = p.add_argument_group("shared options (also GPUHEAL_* environment variables)")
-    g.add_argument("--broker", help="mqtt://[user:pass@]host:port or mqtts://… "
-                   "(GPUHEAL_BROKER; default mqtt://127.0.0.1:1883)")
-    g.add_argument("--prefix", help="topic prefix (GPUHEAL_PREFIX; default gpuheal)")
-    g.add_argument("--host-name", help="this host's name in topics (GPUHEAL_HOST; "
-                   "default: the machine's host name)")
-    g.add_argument("--config", help="TOML config file with thresholds, ladder and guards "
-                   "(GPUHEAL_CONFIG)")
-    g.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    if only_host:
-        g.add_argument("--only-host", help="serve only this host (default: every host)")
-
-
-def _add_source(p: argparse.ArgumentParser, *, with_count: bool = True) -> None:
-    g = p.add_argument_group("GPU source")
-    g.add_argument("--source", choices=SOURCES, default="auto",
-                   help="auto: NVML, else nvidia-smi, else Jetson, else the simulator")
-    g.add_argument("--scenario", default="demo",
-                   help="simulator scenario: demo, oom, thermal, hang, xid, lost, "
-                   "healthy-busy, healthy, or a scenario file")
-    g.add_argument("--speed", type=_positive_float, default=1.0,
-                   help="simulated time runs this many times faster")
-    g.add_argument("--interval", type=_positive_float, help="seconds between samples")
-    g.add_argument("--nvidia-smi", default="nvidia-smi", help="the nvidia-smi executable")
-    g.add_argument("--tegrastats", default="tegrastats", help="the tegrastats executable")
-    g.add_argument("--seed", type=int, default=0, help="simulator seed")
-    g.add_argument("--gpus", type=int, default=1, help="number of simulated GPUs")
-    if with_count:
-        g.add_argument("--count", type=int, help="stop after this many sampling rounds")
-
-
-def _add_healer(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("healer")
-    g.add_argument("--state-file", type=Path, help="where the healer's guards persist")
-    g.add_argument("--dry-run", action="store_true", help="decide, publish, never act")
-    g.add_argument("--allow", action="append", default=[], metavar="ACTION",
-                   help="opt in a destructive action (reset_gpu, stop_llm_service)")
+from gpuheal.runtime import EXIT_USAGE, UsageError, run_service, setup_logging, stop_on_signals
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpuheal",
         description="GPU health monitor and self-healer over MQTT.",
+        epilog="Exit codes: 0 done, 1 failed (no GPU source, database, broker never reached), "
+               "2 could not start (bad option, config or broker URL, rejected credentials).",
     )
     parser.add_argument("--version", action="version", version=f"gpuheal {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="run the whole pipeline on this machine")
-    _add_common(p)
-    _add_source(p, with_count=False)
-    _add_healer(p)
+    CommonOptions.add_arguments(p)
+    PublisherOptions.add_arguments(p, with_count=False)
+    HealerOptions.add_arguments(p, with_source=False)
     p.add_argument("--db", type=Path, default=Path("gpuheal.db"), help="SQLite file")
     p.add_argument("--state-dir", type=Path,
                    help="where the private broker lives (default ~/.local/state/gpuheal)")
     p.add_argument("--insecure-broker", action="store_true",
                    help="private broker without passwords (127.0.0.1 only)")
+    p.add_argument("--dashboard-port", type=int, default=9100,
+                   help="the dashboard's port (0: no dashboard)")
 
     p = sub.add_parser("publisher", help="sample GPUs and publish Samples")
-    _add_common(p)
-    _add_source(p)
+    CommonOptions.add_arguments(p)
+    PublisherOptions.add_arguments(p)
 
     p = sub.add_parser("analyzer", help="detect conditions: retained State + Events")
-    _add_common(p, only_host=True)
-    p.add_argument("--speed", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    CommonOptions.add_arguments(p, only_host=True)
+    AnalyzerOptions.add_arguments(p)
 
     p = sub.add_parser("healer", help="act on Events with the guarded ladder")
-    _add_common(p)
-    p.add_argument("--source", choices=SOURCES, default="auto",
-                   help="sim: heal the simulated GPU with simulated actuators")
-    _add_healer(p)
+    CommonOptions.add_arguments(p)
+    HealerOptions.add_arguments(p)
 
     p = sub.add_parser("recorder", help="persist everything to SQLite")
-    _add_common(p, only_host=True)
-    p.add_argument("--db", type=Path, default=Path("gpuheal.db"), help="SQLite file")
-    p.add_argument("--client-id", help="MQTT client id of the persistent session")
+    CommonOptions.add_arguments(p, only_host=True)
+    RecorderOptions.add_arguments(p)
+
+    p = sub.add_parser("dashboard", help="the web page, /api/gpu and /metrics")
+    CommonOptions.add_arguments(p)
+    DashboardOptions.add_arguments(p)
 
     p = sub.add_parser("probe", help="sample every GPU once, print Samples as JSON lines")
-    _add_common(p)
-    _add_source(p, with_count=False)
+    CommonOptions.add_arguments(p)
+    PublisherOptions.add_arguments(p, with_count=False)
 
     p = sub.add_parser("status", help="a table of every GPU's retained State")
-    _add_common(p)
-    p.add_argument("--timeout", type=_positive_float, default=2.0,
+    CommonOptions.add_arguments(p)
+    p.add_argument("--timeout", type=positive_float, default=2.0,
                    help="seconds to wait for retained states")
     p.add_argument("--json", action="store_true", help="print the States as JSON lines")
+    p.add_argument("--watch", nargs="?", type=positive_float, const=2.0, metavar="SECONDS",
+                   help="redraw the table in place every SECONDS (default 2)")
+    p.add_argument("--forget", metavar="HOST",
+                   help="clear every retained topic of HOST (a machine gone for good)")
 
     p = sub.add_parser("replay", help="republish recorded samples with their timing")
-    _add_common(p)
+    CommonOptions.add_arguments(p)
     p.add_argument("--db", type=Path, required=True, help="SQLite file of the recorder")
-    p.add_argument("--speed", type=_positive_float, default=1.0)
+    p.add_argument("--speed", type=positive_float, default=1.0)
     p.add_argument("--from-host", help="replay only this recorded host")
     p.add_argument("--gpu", type=int, help="replay only this GPU index")
-    p.set_defaults(replay=True)
 
     p = sub.add_parser("history", help="recorded events and the actions taken for them")
     p.add_argument("--db", type=Path, default=Path("gpuheal.db"))
@@ -148,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("--since", help="only rows newer than this (e.g. 1h)")
     p.add_argument("--output", "-o", type=Path, help="file to write (default stdout)")
+
+    p = sub.add_parser("install", help="install systemd units for every component")
+    p.add_argument("--systemd", action="store_true", required=True,
+                   help="write systemd units (the only kind today)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written")
+    p.add_argument("--allow", action="append", default=[], metavar="ACTION",
+                   help="opt the healer in to a destructive action (reset_gpu, "
+                   "stop_llm_service); its unit gets the capabilities that needs")
+    p.add_argument("--components", help="comma-separated subset (default: all of them and "
+                   "the broker)")
+    p.add_argument("--source", choices=["nvml", "nvidia-smi", "jetson"],
+                   help="the publisher's GPU source (default: detected now)")
+    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("--etc-dir", type=Path, default=Path("/etc/gpuheal"))
+    p.add_argument("--dashboard-port", type=int, default=9100)
+    p.add_argument("--dashboard-bind", default="127.0.0.1")
+
+    p = sub.add_parser("uninstall", help="remove the systemd units `install` wrote")
+    p.add_argument("--systemd", action="store_true", required=True)
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("--etc-dir", type=Path, default=Path("/etc/gpuheal"))
 
     p = sub.add_parser("broker", help="broker tools")
     bsub = p.add_subparsers(dest="broker_command", required=True, metavar="SUBCOMMAND")
@@ -164,89 +144,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(args: argparse.Namespace) -> CommonOptions:
-    return CommonOptions.resolve(
-        broker=args.broker,
-        prefix=args.prefix,
-        host_name=getattr(args, "host_name", None),
-        config_path=args.config,
-        only_host=getattr(args, "only_host", None),
-    )
-
-
-def _publisher_options(args: argparse.Namespace, common: CommonOptions) -> PublisherOptions:
-    return PublisherOptions(
-        common=common,
-        source=args.source,
-        scenario=args.scenario,
-        speed=args.speed,
-        interval_s=args.interval,
-        nvidia_smi=args.nvidia_smi,
-        tegrastats=args.tegrastats,
-        seed=args.seed,
-        gpus=args.gpus,
-        count=getattr(args, "count", None),
-    )
-
-
-def run_until_signalled(fn: Callable[[Any, threading.Event], int], opts: Any) -> int:
-    """Run a component with a stop Event that SIGINT and SIGTERM set."""
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
-    return fn(opts, stop)
-
-
+# --- components ---------------------------------------------------------------------------
 def _cmd_publisher(args: argparse.Namespace) -> int:
     from publisher.service import run
 
-    return run_until_signalled(run, _publisher_options(args, _common(args)))
+    return run(PublisherOptions.from_args(args, CommonOptions.from_args(args)))
 
 
 def _cmd_analyzer(args: argparse.Namespace) -> int:
     from analyzer.service import run
 
-    return run_until_signalled(run, AnalyzerOptions(common=_common(args), speed=args.speed))
-
-
-def _healer_options(args: argparse.Namespace, common: CommonOptions) -> HealerOptions:
-    return HealerOptions(
-        common=common,
-        source=args.source,
-        state_file=args.state_file,
-        dry_run=args.dry_run,
-        allow=list(args.allow),
-    )
+    return run(AnalyzerOptions.from_args(args, CommonOptions.from_args(args)))
 
 
 def _cmd_healer(args: argparse.Namespace) -> int:
     from healer.service import run
 
-    return run_until_signalled(run, _healer_options(args, _common(args)))
+    return run(HealerOptions.from_args(args, CommonOptions.from_args(args)))
 
 
 def _cmd_recorder(args: argparse.Namespace) -> int:
     from recorder.service import run
 
-    opts = RecorderOptions(common=_common(args), db=args.db, client_id=args.client_id)
-    return run_until_signalled(run, opts)
+    return run(RecorderOptions.from_args(args, CommonOptions.from_args(args)))
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.service import DashboardService
+
+    common = CommonOptions.from_args(args)
+    opts = DashboardOptions.from_args(args, common)
+    return run_service("dashboard", lambda: DashboardService(opts), common)
+
+
+# --- one-shot commands ------------------------------------------------------------------------
 def _cmd_probe(args: argparse.Namespace) -> int:
     from publisher.probe import probe
 
-    return probe(_publisher_options(args, _common(args)))
+    return probe(PublisherOptions.from_args(args, CommonOptions.from_args(args)))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from gpuheal.status import print_status
+    import threading
 
-    return print_status(_common(args), timeout_s=args.timeout, as_json=args.json)
+    from gpuheal.status import ConnectError, forget_host, print_status
+
+    common = CommonOptions.from_args(args)
+    if args.forget:
+        try:
+            return forget_host(common, args.forget, timeout_s=args.timeout)
+        except ConnectError as exc:
+            raise UsageError(str(exc)) from None
+    stop = threading.Event()
+    stop_on_signals(stop)
+    return print_status(common, timeout_s=args.timeout, as_json=args.json,
+                        watch_s=args.watch, host=args.host_name, stop=stop)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -259,21 +211,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         total = count_samples(args.db, host=args.from_host, gpu=args.gpu)
         samples = read_samples(args.db, host=args.from_host, gpu=args.gpu)
     except RecordingError as exc:
-        print(f"gpuheal replay: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     if total == 0:
         print(f"gpuheal replay: no recorded samples in {args.db}", file=sys.stderr)
         return 1
-    common = CommonOptions.resolve(broker=args.broker, prefix=args.prefix,
-                                   config_path=args.config, host_name=args.host_name)
-    opts = PublisherOptions(
-        common=common,
-        source="replay",
-        speed=args.speed,
-        replay_samples=track(samples, total, "replay"),
-        replay_host=args.host_name,
-    )
-    return run_until_signalled(run, opts)
+    common = CommonOptions.from_args(args)
+    opts = PublisherOptions(common=common, source="replay", speed=args.speed,
+                            replay_samples=track(samples, total, "replay"),
+                            replay_host=args.host_name)
+    return run(opts)
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
@@ -287,7 +233,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.output is None:
         return run_export(args.db, args.table, args.format, sys.stdout, since=args.since)
-    with args.output.open("w", newline="") as out:
+    try:
+        out = args.output.open("w", newline="")
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    with out:
         return run_export(args.db, args.table, args.format, out, since=args.since)
 
 
@@ -297,9 +247,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_ca or args.tls_cert or args.tls_key:
         if not (args.tls_ca and args.tls_cert and args.tls_key):
-            print("gpuheal broker init: --tls-ca, --tls-cert and --tls-key go together",
-                  file=sys.stderr)
-            return 2
+            raise UsageError("--tls-ca, --tls-cert and --tls-key go together")
         tls = TlsPaths(ca=Path(args.tls_ca), cert=Path(args.tls_cert), key=Path(args.tls_key),
                        port=args.tls_port, public_host=args.tls_host)
     result = init_broker(args.dir, args.port, prefix=args.prefix, tls=tls, force=args.force)
@@ -310,21 +258,43 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    from gpuheal.install import SERVICES, install_systemd
+
+    components = [c.strip() for c in args.components.split(",")] if args.components \
+        else list(SERVICES)
+    return install_systemd(unit_dir=args.unit_dir, etc_dir=args.etc_dir, allow=args.allow,
+                           dry_run=args.dry_run, components=components,
+                           publisher_source=args.source, dashboard_port=args.dashboard_port,
+                           dashboard_bind=args.dashboard_bind)
+
+
+def _cmd_uninstall(args: argparse.Namespace) -> int:
+    from gpuheal.install import uninstall_systemd
+
+    return uninstall_systemd(unit_dir=args.unit_dir, etc_dir=args.etc_dir, dry_run=args.dry_run)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
+    import threading
+
     from gpuheal.up import UpOptions, run_up
 
-    common = _common(args)
+    common = CommonOptions.from_args(args)
     opts = UpOptions(
         common=common,
         broker_given=args.broker is not None,
-        publisher=_publisher_options(args, common),
-        healer=_healer_options(args, common),
+        publisher=PublisherOptions.from_args(args, common),
+        healer=HealerOptions(common=common, state_file=args.state_file, dry_run=args.dry_run,
+                             allow=list(args.allow)),
         db=args.db,
         state_dir=args.state_dir,
         insecure_broker=args.insecure_broker,
-        log_level=args.log_level,
+        dashboard_port=args.dashboard_port,
     )
-    return run_until_signalled(run_up, opts)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    return run_up(opts, stop)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -333,26 +303,40 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyzer": _cmd_analyzer,
     "healer": _cmd_healer,
     "recorder": _cmd_recorder,
+    "dashboard": _cmd_dashboard,
     "probe": _cmd_probe,
     "status": _cmd_status,
     "replay": _cmd_replay,
     "history": _cmd_history,
     "export": _cmd_export,
     "broker": _cmd_broker,
+    "install": _cmd_install,
+    "uninstall": _cmd_uninstall,
 }
+
+
+def load_env_file(path: Path) -> None:
+    """Put the ``KEY=VALUE`` lines of ``path`` into the environment (a flag beats the
+    environment, so the file's values win over variables already set)."""
+    try:
+        values = read_env_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read --env-file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(f"--env-file: {exc}") from None
+    os.environ.update(values)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "WARNING"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(getattr(args, "log_level", None) or "WARNING")
+    command = args.command
     try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, BrokerURLError, BrokerError, BrokerInitError) as exc:
-        print(f"gpuheal: {exc}", file=sys.stderr)
-        return 2
+        if getattr(args, "env_file", None) is not None:
+            load_env_file(args.env_file)
+        return COMMANDS[command](args)
+    except (ConfigError, BrokerURLError, BrokerError, BrokerInitError, UsageError) as exc:
+        print(f"gpuheal {command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -10,28 +10,15 @@ Units are in the field names (``_c`` degrees Celsius, ``_mb`` MiB, ``_w`` watts,
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HOST_PATTERN = r"^[A-Za-z0-9_-]+$"
-MAX_PAYLOAD_BYTES = 256 * 1024
-"""Largest payload any component accepts; bigger ones go to the dead-letter topic."""
 
 SourceName = Literal["nvml", "nvidia-smi", "jetson", "sim", "replay"]
 Health = Literal["healthy", "warning", "critical", "unavailable"]
-ErrorKind = Literal[
-    "none",
-    "out_of_memory",
-    "gpu_hang",
-    "thermal_throttling",
-    "critical_health",
-    "xid_error",
-    "unavailable",
-    "unknown_error",
-]
 ConditionKind = Literal[
     "out_of_memory",
     "gpu_hang",
@@ -41,6 +28,9 @@ ConditionKind = Literal[
     "unavailable",
     "unknown_error",
 ]
+"""What a condition (an Event, an entry of ``State.active``) is about."""
+ErrorKind = Literal["none", ConditionKind]
+"""The State's ``error``: the worst active condition's kind, or ``none``."""
 Severity = Literal["warning", "critical", "emergency"]
 Phase = Literal["raised", "escalated", "cleared"]
 ActionName = Literal[
@@ -54,8 +44,13 @@ ActionName = Literal[
     "notify",
 ]
 ActionStatus = Literal[
-    "dry_run", "started", "succeeded", "failed", "skipped", "verified", "unresolved"
+    "dry_run", "started", "succeeded", "failed", "skipped", "verified", "unresolved",
+    "acknowledged",
 ]
+"""``acknowledged``: a person took over a condition the healer cannot heal (``notify``)."""
+ClearedBy = Literal["recovered", "acknowledged", "source_restarted"]
+"""Why a condition ended: the GPU proved healthy again, a person acknowledged it, or the
+source (publisher, clock) started anew so the old condition says nothing any more."""
 ComponentName = Literal["publisher", "analyzer", "healer", "recorder", "dashboard"]
 
 SEVERITY_RANK: dict[str, int] = {"warning": 1, "critical": 2, "emergency": 3}
@@ -68,16 +63,33 @@ MAX_TS = 253_402_300_799.0
 """9999-12-31T23:59:59Z: the last time an ISO 8601 timestamp can say."""
 Timestamp = Annotated[float, Field(ge=0.0, le=MAX_TS, allow_inf_nan=False)]
 """UNIX seconds of the source clock, within what an ISO 8601 timestamp can say."""
-MAX_JSON_DEPTH = 64
-"""Deepest nesting of objects and arrays a payload may have (any component, any stack)."""
+
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+"""Every model: JSON types exactly (``true`` is not ``1``, ``"3"`` is not ``3``), finite numbers,
+and no unknown key when our own code builds a message (a misspelt field fails loudly). The wire
+tolerates unknown keys: :func:`gpuheal.wire.decode` validates with ``extra="ignore"``."""
+
+
+class Part(BaseModel):
+    """Base of the objects nested in messages."""
+
+    model_config = STRICT
 
 
 class Message(BaseModel):
-    """Base of every wire message: ignores unknown keys, rejects NaN/Infinity."""
+    """Base of every wire message (see :data:`STRICT`)."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    model_config = STRICT
 
     v: Literal[1] = 1
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _v_is_the_integer_1(cls, value: object) -> object:
+        if type(value) is not int:  # Literal[1] would take true (and 1.0)
+            raise ValueError("v must be the integer 1")
+        return value
 
     def to_json(self) -> bytes:
         """Compact UTF-8 JSON, the form every component publishes."""
@@ -87,10 +99,9 @@ class Message(BaseModel):
 M = TypeVar("M", bound=Message)
 
 
-class Process(BaseModel):
+class Process(Part):
     """A process holding GPU memory."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     pid: Annotated[int, Field(ge=0)]
     name: str | None = None
@@ -127,31 +138,29 @@ class Sample(Message):
     """False when the source reports the GPU lost or unreadable; readings are then None."""
     error: str | None = None
     """Why the GPU is unavailable, when it is."""
+    host_boot_ts: Timestamp | None = None
+    """When the host booted (UNIX seconds, Linux ``btime``): a new value means a reboot."""
 
 
-class Memory(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+class Memory(Part):
     used_mb: Number | None = None
     total_mb: Number | None = None
     percent: Number | None = None
 
 
-class Power(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+class Power(Part):
     draw_w: Number | None = None
     limit_w: Number | None = None
 
 
-class Clocks(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+class Clocks(Part):
     graphics_mhz: Number | None = None
     memory_mhz: Number | None = None
 
 
-class ActiveCondition(BaseModel):
+class ActiveCondition(Part):
     """One condition the analyzer holds open for a GPU."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     event_id: str
     kind: ConditionKind
     severity: Severity
@@ -181,6 +190,11 @@ class State(Message):
     active: list[ActiveCondition] = Field(default_factory=list)
     analyzer_started_ts: Timestamp | None = None
     """When the analyzer that wrote this state started; a newer one started clean."""
+    source: SourceName | None = None
+    """The ``source`` of the newest sample (``replay``: a replayed recording, never acted on)."""
+    analyzer: Host | None = None
+    """The host name of the analyzer that wrote this State (its status topic says whether it
+    still does: an offline analyzer's States are stale)."""
 
 
 class Event(Message):
@@ -197,6 +211,9 @@ class Event(Message):
     message: str
     evidence: dict[str, Any] = Field(default_factory=dict)
     recommended_action: ActionName | None = None
+    cleared_by: ClearedBy | None = None
+    """On ``cleared`` only: ``recovered`` when the GPU proved healthy again (what the healer
+    verifies an action by), else why the condition ended without that."""
 
 
 class Action(Message):
@@ -215,11 +232,35 @@ class Action(Message):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
-class Cooldown(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-    index: GpuIndex
+class Cooldown(Part):
+    """``action`` may not run again on GPU ``index`` (None: on any GPU of the host, for the
+    host-wide service actions) before ``until_ts`` (event time)."""
+
+    index: GpuIndex | None
     action: ActionName
     until_ts: Timestamp
+
+
+IncidentPhase = Literal["open", "probing", "acting", "verifying", "waiting", "needs_human"]
+"""Where an open incident is: decided nothing yet (below its ladder), asking the workload
+whether the GPU still works, an action running, an action being verified, held back by a
+guard (``reason`` says which), or a person's turn (``reason`` says why)."""
+
+
+class OpenIncident(Part):
+    """One condition the healer is working on (or waits with, or hands to a person)."""
+
+    event_id: str
+    index: GpuIndex
+    kind: ConditionKind
+    severity: Severity
+    phase: IncidentPhase
+    reason: str | None = None
+    """Why it waits (a guard) or why a person is needed."""
+    action: ActionName | None = None
+    """The action running, being verified, or wanted."""
+    since_ts: Timestamp
+    """Event time the incident started."""
 
 
 class HealerState(Message):
@@ -235,6 +276,8 @@ class HealerState(Message):
     budget_per_hour: Annotated[int, Field(ge=0)]
     cooldowns: list[Cooldown] = Field(default_factory=list)
     throttled: list[GpuIndex] = Field(default_factory=list)
+    incidents: list[OpenIncident] = Field(default_factory=list)
+    """Every incident still open, oldest first; ``needs_human`` ones wait for a person."""
     ts: Timestamp
 
 
@@ -244,6 +287,8 @@ class HealerSet(Message):
     enabled: bool | None = None
     reset_breaker: bool | None = None
     dry_run: bool | None = None
+    ack: str | None = Field(default=None, min_length=1, max_length=64)
+    """The ``event_id`` of a condition a person takes over (one that needs a human)."""
 
     @field_validator("reset_breaker")
     @classmethod
@@ -275,10 +320,17 @@ class DeadLetter(Message):
     ts: Timestamp
 
 
-class Status(BaseModel):
-    """Not JSON: availability is the plain string ``online`` or ``offline``."""
+StatusReason = Literal["stopped", "lost"]
+
+
+class Status(Part):
+    """A component's availability on ``P/H/<component>/status``: not JSON but the plain string
+    ``online`` or ``offline`` (what Home Assistant's availability reads). ``reason`` comes from
+    the MQTT v5 user property ``gpuheal-reason`` of an ``offline``: ``stopped`` for a clean
+    goodbye, ``lost`` for the Last Will (the component died or lost its connection)."""
 
     value: Literal["online", "offline"]
+    reason: StatusReason | None = None
 
 
 def iso_utc(ts: float) -> str:
@@ -297,80 +349,3 @@ def make_action_id(event_id: str | None, action: str, attempt: int, host: str, i
     """Deterministic id of an action taken for an event (idempotent on redelivery)."""
     key = f"{host}|{index}|{event_id}|{action}|{attempt}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
-
-
-class PayloadError(ValueError):
-    """A payload that is not a valid message; ``reason`` says why, for the dead-letter topic."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def parse_payload(model: type[M], payload: bytes) -> M:
-    """Parse and validate one wire payload, or raise :class:`PayloadError` with a clear reason."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise PayloadError(f"payload too large: {len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PayloadError(f"not UTF-8: {exc}") from None
-    if _too_deep(text):
-        raise PayloadError(f"not JSON: nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise PayloadError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise PayloadError(f"not a JSON object: {type(data).__name__}")
-    if "\\u" in text and _has_lone_surrogate(data):
-        raise PayloadError("invalid text: a lone UTF-16 surrogate escape")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "<root>"
-        raise PayloadError(
-            f"invalid {model.__name__}: {where}: {first.get('msg')} ({exc.error_count()} errors)"
-        ) from None
-
-
-def _too_deep(text: str) -> bool:
-    """Whether objects/arrays nest deeper than MAX_JSON_DEPTH (brackets in strings skipped).
-
-    Checked by the same rule in every component, before ``json.loads``, whose own limit is
-    Python's recursion limit and so depends on how deep the caller's stack already is."""
-    if text.count("{") + text.count("[") <= MAX_JSON_DEPTH:
-        return False
-    depth = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return True
-        elif ch in "}]":
-            depth -= 1
-    return False
-
-
-def _has_lone_surrogate(data: Any) -> bool:
-    """True when a ``\\uD800``-style escape left a string that cannot be UTF-8 again."""
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a finite number")

@@ -1,17 +1,23 @@
-"""The one MQTT client wrapper every component uses (paho-mqtt 2.x, MQTT v5).
+"""The one way in and out of the bus: :class:`Bus` (paho-mqtt 2.x, MQTT v5).
 
-What it does for a component:
+No component imports paho; each talks to the broker through a Bus:
 
-* parses ``mqtt://[user:pass@]host:port`` / ``mqtts://`` broker URLs (TLS options as query
-  parameters ``?ca=PATH&cert=PATH&key=PATH&insecure=1``);
-* connects in the background with exponential backoff and keeps reconnecting;
-* checks the reason code in ``on_connect``, re-subscribes every registered pattern and runs
-  every re-announce hook (retained state) on *every* connect;
-* sets the Last Will ``offline`` (retained, QoS 1) on ``P/H/<component>/status``, publishes
-  retained ``online`` on connect and ``offline`` on a clean stop;
-* dispatches each message to the handler of its pattern, catching and logging handler errors
-  so that one bad message never stops the loop;
-* publishes rejected payloads to ``P/deadletter/<component>`` and counts them.
+* ``subscribe(pattern, model, handler)``: every message on ``pattern`` is parsed once, by
+  :func:`gpuheal.wire.decode`, checked against its topic (host, GPU, component) and handed to
+  ``handler`` as a frozen, paho-free :class:`Received` (the message, the topic's parts, the
+  retain flag, the receive time). A payload that is not a valid message never reaches a
+  handler: it goes to ``P/deadletter/<component>`` (or to the ``on_reject`` hook, e.g. the
+  recorder's dead-letter table) and is counted. An empty payload (a cleared retained topic)
+  goes to ``on_cleared`` when given.
+* it connects in the background with paho's doubling backoff (1 s to 30 s) and says why an
+  attempt failed in one line (refused, no route, bad credentials, TLS mismatch);
+* it checks the reason code in ``on_connect``, re-subscribes every pattern and runs every
+  re-announce hook (retained state) on *every* connect;
+* the Last Will is a retained ``offline`` on ``P/H/<component>/status`` with the MQTT v5 user
+  property ``gpuheal-reason: lost``; a clean stop publishes ``offline`` with ``stopped``;
+  ``online`` on every connect;
+* handler errors are caught and logged, so one bad message never stops the loop;
+* a QoS 1 publication the broker refuses (an ACL, a quota) is logged with its reason code.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Generic
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -31,13 +39,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gpuheal.models import DeadLetter
-from gpuheal.topics import Topics
+from gpuheal.models import DeadLetter, M
+from gpuheal.mqtt_client import GpuhealClient
+from gpuheal.topics import TopicParts, Topics
+from gpuheal.wire import STATUS_REASON_PROPERTY, PayloadError, decode, topic_mismatch
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[paho.MQTTMessage], None]
 DEADLETTER_PAYLOAD_CHARS = 1024
+REFUSAL_LOG_INTERVAL_S = 60.0
+"""A refused publication on one topic is logged at most this often (seconds)."""
 
 
 class BrokerURLError(ValueError):
@@ -89,18 +100,81 @@ class BrokerURL:
             tls_insecure=one("insecure") in ("1", "true", "yes"),
         )
 
+    @property
+    def address(self) -> str:
+        """``host:port``, for messages."""
+        return f"{self.host}:{self.port}"
+
     def redacted(self) -> str:
         """The URL without the password, for logs."""
         user = f"{self.username}:***@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class Received(Generic[M]):
+    """One valid message as a handler gets it (no paho object in sight)."""
+
+    topic: str
+    parts: TopicParts
+    """What the topic names: host, GPU index, kind, component."""
+    message: M
+    """The parsed, validated message."""
+    retain: bool
+    """True when the broker replayed a retained message (on subscribe): history, not news."""
+    qos: int
+    received_ts: float
+    """Wall clock (UNIX seconds) when it arrived."""
+    payload: bytes
+    """The bytes as received (e.g. to record them when storing the message fails)."""
+    mid: int = 0
+    generation: int = 0
+    """Which connection delivered it: an acknowledgement only makes sense on that one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A payload that did not make a message, and why (for the ``on_reject`` hook)."""
+
+    topic: str
+    payload: bytes
+    reason: str
+    received_ts: float
+    qos: int = 0
+    mid: int = 0
+    generation: int = 0
+
+
+class Delivery:
+    """What became of one publication."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def queued(self) -> bool:
+        """paho took it (it is sent now or after the next reconnect)."""
+        return self._info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait until it is sent (QoS 0) or acknowledged (QoS 1); True when it was."""
+        try:
+            self._info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):
+            return False
+        return self._info.is_published()
+
+
 @dataclass
 class _Subscription:
     pattern: str
+    model: type[Any]
+    handler: Callable[[Received[Any]], None]
     qos: int
-    handler: Handler
-    no_local: bool = False
+    no_local: bool
+    on_cleared: Callable[[TopicParts], None] | None
 
 
 @dataclass
@@ -110,6 +184,7 @@ class BusStats:
     connects: int = 0
     connect_failures: int = 0
     handler_errors: int = 0
+    refused_publications: int = 0
     deadletters: Counter[str] = field(default_factory=Counter)
 
 
@@ -130,14 +205,17 @@ class Bus:
         receive_maximum: int | None = None,
         announce_status: bool = True,
         keepalive_s: int = 30,
+        on_reject: Callable[[Rejected], None] | None = None,
     ) -> None:
+        """``on_reject``: instead of publishing a dead letter, hand rejected payloads to this
+        hook (it runs on the network thread and, with ``manual_ack``, must ack them itself)."""
         self.broker = BrokerURL.parse(broker) if isinstance(broker, str) else broker
         self.component = component
         self.host = host
         self.topics = topics or Topics()
         self.stats = BusStats()
         self.manual_ack = manual_ack
-        self._announce_status = announce_status
+        self._on_reject = on_reject
         self._subs: list[_Subscription] = []
         self._hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
@@ -147,16 +225,28 @@ class Bus:
         self._receive_maximum = receive_maximum
         """MQTT v5 Receive Maximum: unacknowledged QoS>0 messages the broker may send us."""
         self._keepalive_s = keepalive_s
+        self._generation = 0
+        self._got_connack = False
+        self._refusals: dict[str, float] = {}
+        self._pending_refusal: dict[int, str] = {}
+        self._refusal_lock = threading.Lock()
         self.last_connect_error: str | None = None
+        """Why the last connection attempt failed (one line), None once connected."""
+        self.auth_failed = False
+        """The broker refused our credentials (a one-shot command gives up on this)."""
         self.status_topic = self.topics.status(host, component) if announce_status else None
 
-        self.client = paho.Client(
+        self.client = GpuhealClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id or "",
             protocol=paho.MQTTv5,
             manual_ack=manual_ack,
         )
-        self.client.enable_logger(logging.getLogger(f"paho.{component}"))
+        paho_log = logging.getLogger(f"paho.{component}")
+        paho_log.setLevel(logging.WARNING)  # paho's chatter is DEBUG; a clean stop says nothing
+        if not any(isinstance(f, _PahoNoise) for f in paho_log.filters):
+            paho_log.addFilter(_PahoNoise())
+        self.client.enable_logger(paho_log)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(100)
@@ -172,23 +262,35 @@ class Bus:
             if self.broker.tls_insecure:
                 self.client.tls_insecure_set(True)
         if self.status_topic:
-            self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
+            self.client.will_set(self.status_topic, "offline", qos=1, retain=True,
+                                 properties=_reason_properties("lost", PacketTypes.WILLMESSAGE))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_publish = self._on_publish
 
     # --- registration ------------------------------------------------------------
     def subscribe(
-        self, pattern: str, handler: Handler, qos: int = 1, *, no_local: bool = False
+        self,
+        pattern: str,
+        model: type[M],
+        handler: Callable[[Received[M]], None],
+        *,
+        qos: int = 1,
+        no_local: bool = False,
+        on_cleared: Callable[[TopicParts], None] | None = None,
     ) -> None:
-        """Register a handler; it is (re-)subscribed on every connect.
+        """Hand every valid ``model`` message on ``pattern`` to ``handler`` (on the network
+        thread: it must not block). (Re-)subscribed on every connect.
 
         ``no_local``: the MQTT v5 No Local option, so the broker does not send this client's
         own publications back to it (e.g. the analyzer reading retained states it writes).
+        ``on_cleared``: called with the topic's parts for an empty payload (a retained message
+        deleted); without it such messages are ignored.
         """
-        sub = _Subscription(pattern, qos, handler, no_local)
+        sub = _Subscription(pattern, model, handler, qos, no_local, on_cleared)
         self._subs.append(sub)
-        self.client.message_callback_add(pattern, self._wrap(handler))
+        self.client.message_callback_add(pattern, self._dispatcher(sub))
         if self._connected.is_set():
             self.client.subscribe([(pattern, SubscribeOptions(qos=qos, noLocal=no_local))])
 
@@ -217,34 +319,43 @@ class Bus:
         return True
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return self._connected.wait(timeout_s)
+        """Wait until connected; gives up early when the broker refused our credentials."""
+        deadline = time.monotonic() + timeout_s
+        while not self._connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self.auth_failed or time.monotonic() >= deadline:
+                return False
+        return True
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
     def stop(self, timeout_s: float = 3.0) -> None:
-        """Clean exit: retained ``offline``, then disconnect (no Last Will)."""
+        """Clean exit: retained ``offline`` (reason ``stopped``), then disconnect (no Will)."""
         self._stopping = True
         if self._connected.is_set() and self.status_topic:
-            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
-            deadline = time.monotonic() + timeout_s
-            while not info.is_published() and time.monotonic() < deadline:
-                info.wait_for_publish(0.05)
+            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True,
+                                       properties=_reason_properties("stopped"))
+            Delivery(info).wait(timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
 
     # --- publishing --------------------------------------------------------------
-    def publish(
-        self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False
-    ) -> paho.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0,
+                retain: bool = False) -> Delivery:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            with self._refusal_lock:
+                if len(self._pending_refusal) < 10_000:
+                    self._pending_refusal[info.mid] = topic
+        return Delivery(info)
 
-    def ack(self, msg: paho.MQTTMessage) -> None:
-        """Acknowledge a QoS>0 message (only with ``manual_ack``) once it is safely handled."""
-        if self.manual_ack and msg.qos > 0:
-            self.client.ack(msg.mid, msg.qos)
+    def ack(self, received: Received[Any] | Rejected) -> None:
+        """Acknowledge a QoS>0 message (only with ``manual_ack``) once it is safely handled;
+        a message of an earlier connection is not acknowledged (the broker resends it)."""
+        if self.manual_ack and received.qos > 0 and received.generation == self._generation:
+            self.client.ack(received.mid, received.qos)
 
     def deadletter(self, topic: str, payload: bytes, reason: str) -> None:
         """Publish a rejected payload, truncated, with its reason; count it."""
@@ -265,28 +376,81 @@ class Bus:
     def deadletter_count(self) -> int:
         return sum(self.stats.deadletters.values())
 
-    # --- paho callbacks ------------------------------------------------------------
-    def _wrap(self, handler: Handler) -> Callable[..., None]:
-        def call(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+    # --- receiving (paho's network thread) ------------------------------------------
+    def _dispatcher(self, sub: _Subscription) -> Callable[..., None]:
+        topics = self.topics
+        model = sub.model
+        handler = sub.handler
+
+        def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+            now = time.time()
+            topic = msg.topic
+            payload = msg.payload
             try:
-                handler(msg)
+                parts = _parse_topic(topics, topic)
+                if parts is None:
+                    raise PayloadError(f"not a topic of prefix {topics.prefix!r}")
+                if not payload:
+                    if sub.on_cleared is not None:
+                        sub.on_cleared(parts)
+                    self._ack_raw(msg)
+                    return
+                reason = None
+                if model.__name__ == "Status":
+                    reason = _user_property(msg, STATUS_REASON_PROPERTY)
+                message = decode(model, payload, status_reason=reason)
+                mismatch = topic_mismatch(parts, message)
+                if mismatch is not None:
+                    raise PayloadError(mismatch)
+            except PayloadError as exc:
+                self._reject(Rejected(topic, bytes(payload), exc.reason, now, msg.qos, msg.mid,
+                                      self._generation))
+                return
             except Exception:  # a handler bug must not kill the network loop
                 self.stats.handler_errors += 1
-                log.exception("%s: handler failed on %s", self.component, msg.topic)
+                log.exception("%s: failed on a message on %s", self.component, topic)
+                return
+            try:
+                handler(Received(topic, parts, message, bool(msg.retain), msg.qos, now,
+                                 payload, msg.mid, self._generation))
+            except Exception:  # a handler bug must not kill the network loop
+                self.stats.handler_errors += 1
+                log.exception("%s: handler failed on %s", self.component, topic)
 
-        return call
+        return dispatch
 
+    def _reject(self, rejected: Rejected) -> None:
+        if self._on_reject is not None:
+            self._on_reject(rejected)
+            return
+        self.deadletter(rejected.topic, rejected.payload, rejected.reason)
+        self.ack(rejected)
+
+    def _ack_raw(self, msg: paho.MQTTMessage) -> None:
+        if self.manual_ack and msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
+
+    # --- paho callbacks ------------------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
+        self._got_connack = True
         if reason_code.is_failure:
             self.stats.connect_failures += 1
-            self.last_connect_error = str(reason_code)
-            log.error(
-                "%s: broker %s refused the connection: %s",
-                self.component, self.broker.redacted(), reason_code,
-            )
+            name = str(reason_code)
+            if name in ("Not authorized", "Bad user name or password"):
+                self.auth_failed = True
+                who = f"user {self.broker.username!r}" if self.broker.username else \
+                    "an anonymous login"
+                self.last_connect_error = f"broker {self.broker.address} rejected {who} ({name})"
+            else:
+                self.last_connect_error = f"broker {self.broker.address} refused the " \
+                                          f"connection ({name})"
+            log.error("%s: %s; retrying in %.0f s", self.component, self.last_connect_error,
+                      self.client.next_reconnect_delay_s())
             return
         self.stats.connects += 1
         self.last_connect_error = None
+        self.auth_failed = False
+        self._generation += 1
         if self._subs:
             client.subscribe([(s.pattern, SubscribeOptions(qos=s.qos, noLocal=s.no_local))
                               for s in self._subs])
@@ -301,26 +465,91 @@ class Bus:
         log.info("%s: connected to %s", self.component, self.broker.redacted())
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if not self._stopping:
-            log.warning("%s: disconnected (%s); reconnecting", self.component, reason_code)
+        if self._stopping:
+            return
+        if was_connected:
+            log.warning("%s: disconnected from %s (%s); reconnecting", self.component,
+                        self.broker.address, reason_code)
+        elif not self._got_connack:
+            hint = "" if self.broker.tls else " (a TLS port? then use mqtts://)"
+            self.last_connect_error = (f"broker {self.broker.address} closed the connection "
+                                       f"before answering{hint}")
+            log.error("%s: %s; retrying in %.0f s", self.component, self.last_connect_error,
+                      self.client.next_reconnect_delay_s())
+        self._got_connack = False
 
     def _on_connect_fail(self, _client, _userdata) -> None:
         self.stats.connect_failures += 1
-        self.last_connect_error = "connection failed"
+        self.last_connect_error = describe_connect_error(self.broker,
+                                                         self.client.last_connect_exception)
+        log.warning("%s: %s, retrying in %.0f s", self.component, self.last_connect_error,
+                    self.client.next_reconnect_delay_s())
+
+    def _on_publish(self, _client, _userdata, mid, reason_code, _props) -> None:
+        with self._refusal_lock:
+            topic = self._pending_refusal.pop(mid, None)
+        if topic is None or not reason_code.is_failure:
+            return
+        self.stats.refused_publications += 1
+        now = time.monotonic()
+        last = self._refusals.get(topic)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:
+            return
+        if len(self._refusals) > 1000:
+            self._refusals.clear()
+        self._refusals[topic] = now
+        who = f"user {self.broker.username!r}" if self.broker.username else "this client"
+        log.error("%s: the broker refused a message on %s: %s (does the ACL let %s write "
+                  "there?)", self.component, topic, reason_code, who)
 
 
-def broker_answers(url: BrokerURL | str, timeout_s: float = 2.0) -> bool:
-    """True when an MQTT broker accepts a TCP connection at ``url``."""
-    import socket
+class _PahoNoise(logging.Filter):
+    """Drops what paho 2.2 logs as an error on its normal reconnect path ("Client is not
+    connected" after a refused connection): the Bus says what happened, in one line."""
 
-    broker = BrokerURL.parse(url) if isinstance(url, str) else url
-    try:
-        with socket.create_connection((broker.host, broker.port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
 
 
-def publish_ok(info: paho.MQTTMessageInfo) -> bool:
-    return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+def describe_connect_error(broker: BrokerURL, exc: OSError | None) -> str:
+    """One line for a failed connection attempt: what failed and, when it helps, a hint."""
+    where = f"cannot reach broker {broker.address}"
+    if exc is None:
+        return f"{where} (connection failed)"
+    if isinstance(exc, ssl.SSLError):
+        text = str(exc)
+        if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+            return f"{where} (TLS handshake failed: the port answers without TLS; use mqtt://)"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"{where} (TLS certificate not trusted: {exc.verify_message}; give ?ca=PATH)"
+        return f"{where} (TLS error: {exc.reason or text})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{where} (connection refused)"
+    if isinstance(exc, TimeoutError):
+        return f"{where} (timed out)"
+    if exc.strerror:
+        return f"{where} ({exc.strerror.lower()})"
+    return f"{where} ({type(exc).__name__}: {exc})"
+
+
+def _reason_properties(reason: str, packet: int = PacketTypes.PUBLISH) -> Properties:
+    props = Properties(packet)
+    props.UserProperty = (STATUS_REASON_PROPERTY, reason)
+    return props
+
+
+def _user_property(msg: paho.MQTTMessage, name: str) -> str | None:
+    props = getattr(msg, "properties", None)
+    pairs = getattr(props, "UserProperty", None) if props is not None else None
+    for key, value in pairs or ():
+        if key == name:
+            return str(value)
+    return None
+
+
+@lru_cache(maxsize=16384)
+def _parse_topic(topics: Topics, topic: str) -> TopicParts | None:
+    """``topics.parse``, remembered: a site has a few thousand distinct topics at most."""
+    return topics.parse(topic)

@@ -7,10 +7,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import get_args
 
-COMPONENTS = ("publisher", "analyzer", "healer", "recorder", "dashboard")
+from gpuheal.models import HOST_PATTERN, ComponentName
+
+COMPONENTS: tuple[str, ...] = get_args(ComponentName)
+"""Every component that has a status topic."""
 GPU_KINDS = ("sample", "state", "event", "action", "sim")
-HOST_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+HA_GPU_ENTITIES: tuple[tuple[str, str], ...] = (
+    ("sensor", "temperature"), ("sensor", "utilization"), ("sensor", "memory_used"),
+    ("sensor", "memory_percent"), ("sensor", "power"), ("sensor", "health"),
+    ("sensor", "last_action"), ("binary_sensor", "problem"),
+)
+"""(platform, key) of the Home Assistant entities of one GPU (the analyzer announces them)."""
+HA_HOST_ENTITIES: tuple[tuple[str, str], ...] = (
+    ("switch", "healing_enabled"), ("button", "reset_breaker"),
+)
+"""(platform, key) of the Home Assistant entities of one host's healer."""
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_HOST = re.compile(HOST_PATTERN)
+
+
+def valid_host(name: str | None) -> bool:
+    """Whether ``name`` can be a host in a topic (``[A-Za-z0-9_-]+``)."""
+    return bool(name) and _HOST.match(name) is not None  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -83,9 +103,25 @@ class Topics:
     def ha_status(self) -> str:
         return f"{self.discovery_prefix}/status"
 
+    def ha_object_id(self, host: str, *parts: str | int) -> str:
+        """A discovery object id / unique id: ``gpuheal_<prefix>_<host>_<parts>``, reduced to
+        ``[A-Za-z0-9_-]``."""
+        return _UNSAFE.sub("_", "_".join(str(p) for p in ("gpuheal", self.prefix, host,
+                                                            *parts)))
+
+    def ha_gpu_configs(self, host: str, index: int) -> list[str]:
+        """Every discovery config topic of one GPU's entities."""
+        return [self.ha_config(platform, self.ha_object_id(host, "gpu", index, key))
+                for platform, key in HA_GPU_ENTITIES]
+
+    def ha_host_configs(self, host: str) -> list[str]:
+        """Every discovery config topic of one host's healer entities."""
+        return [self.ha_config(platform, self.ha_object_id(host, key))
+                for platform, key in HA_HOST_ENTITIES]
+
     def ha_config(self, platform: str, object_id: str) -> str:
         """``homeassistant/<platform>/<object_id>/config`` (object_id: [A-Za-z0-9_-])."""
-        if not HOST_RE.match(object_id):
+        if not valid_host(object_id):
             raise ValueError(f"invalid discovery object id: {object_id!r}")
         return f"{self.discovery_prefix}/{platform}/{object_id}/config"
 
@@ -96,8 +132,11 @@ class Topics:
             raise ValueError(f"unknown GPU topic kind: {kind!r}")
         return f"{self.prefix}/{_host_or_plus(host)}/gpu/+/{kind}"
 
-    def status_pattern(self, host: str | None = None) -> str:
-        return f"{self.prefix}/{_host_or_plus(host)}/+/status"
+    def status_pattern(self, host: str | None = None, component: str | None = None) -> str:
+        """``P/<host or +>/<component or +>/status``."""
+        if component is not None and component not in COMPONENTS:
+            raise ValueError(f"unknown component: {component!r}")
+        return f"{self.prefix}/{_host_or_plus(host)}/{component or '+'}/status"
 
     def healer_state_pattern(self, host: str | None = None) -> str:
         return f"{self.prefix}/{_host_or_plus(host)}/healer/state"
@@ -122,7 +161,7 @@ class Topics:
         parts = topic[len(head):].split("/")
         if len(parts) == 2 and parts[0] == "deadletter" and parts[1] in COMPONENTS:
             return TopicParts(host=None, kind="deadletter", component=parts[1])
-        if not parts or not HOST_RE.match(parts[0]):
+        if not parts or not _HOST.match(parts[0]):
             return None
         host = parts[0]
         if len(parts) == 4 and parts[1] == "gpu" and parts[3] in GPU_KINDS:
@@ -137,7 +176,7 @@ class Topics:
 
 
 def _check_host(host: str) -> None:
-    if not HOST_RE.match(host or ""):
+    if not valid_host(host):
         raise ValueError(f"invalid host name {host!r}: must match [A-Za-z0-9_-]+")
 
 

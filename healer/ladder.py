@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from gpuheal.config.healing import DESTRUCTIVE_ACTIONS, HealerConfig, Rung
+from gpuheal.config.healing import DESTRUCTIVE_ACTIONS, XID_ACTIONS, HealerConfig, Rung
 from gpuheal.models import SEVERITY_RANK, Event
 
-XID_ACTIONS: frozenset[str] = frozenset({"restart_llm_service", "reset_gpu", "notify"})
-"""What an XID's ``recommended_action`` may ask for; anything else becomes ``notify``."""
-
-HUMAN_ACTIONS: frozenset[str] = frozenset({"notify"})
-"""Never automated: published as ``skipped`` with reason ``needs_human``."""
-
-__all__ = ["DESTRUCTIVE_ACTIONS", "HUMAN_ACTIONS", "XID_ACTIONS", "ladder_for", "rung_for"]
+__all__ = ["DESTRUCTIVE_ACTIONS", "XID_ACTIONS", "ladder_for", "rung_for"]
 
 
 def ladder_for(config: HealerConfig, event: Event) -> list[Rung]:

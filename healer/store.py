@@ -15,12 +15,6 @@ from healer.guards import GuardState
 log = logging.getLogger(__name__)
 
 
-def default_state_file(host: str) -> Path:
-    """``$XDG_STATE_HOME/gpuheal/healer-<host>.json`` (default ``~/.local/state``)."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "gpuheal" / f"healer-{host}.json"
-
-
 def load_guard_state(path: Path, host: str) -> GuardState:
     """The persisted guards, or fresh ones when there is no file yet.
 
@@ -39,6 +33,7 @@ def load_guard_state(path: Path, host: str) -> GuardState:
                   path, str(exc).splitlines()[0], aside)
         os.replace(path, aside)
         return GuardState(host=host)
+    state.version = 2  # a version 1 file reads as version 2 (new fields have defaults)
     if state.host != host:
         log.warning("healer state file %s belongs to host %r, not %r; starting fresh",
                     path, state.host, host)

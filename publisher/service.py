@@ -5,22 +5,19 @@ per round on ``P/H/gpu/I/sample`` (QoS ``[publisher] sample_qos``), and, for the
 GPU, takes simulator commands from ``P/H/gpu/+/sim``: each is validated, an invalid one (or one
 for a GPU the simulator does not have) goes to ``P/deadletter/publisher``, a valid one is queued
 for the simulator and applied before its next step. A failed round is logged and sampling goes
-on. ``run`` returns when ``stop`` is set, after ``--count`` rounds, or when a replay is over.
+on. It finishes by itself after ``--count`` rounds, or when a replay is over.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 
-import paho.mqtt.client as paho
-
-from gpuheal.models import PayloadError, SimCommand, parse_payload
-from gpuheal.mqtt import Bus, publish_ok
+from gpuheal.models import SimCommand
+from gpuheal.mqtt import Bus, Received
 from gpuheal.options import PublisherOptions
-from gpuheal.topics import Topics
+from gpuheal.runtime import BusOptions, RunFailure, run_service
 from publisher.sampling import Stamper, sample_round
 from publisher.sources import NoSourceError, Source, SourceError, interval_of, open_source
 from publisher.sources.sim import SimSource
@@ -28,6 +25,7 @@ from publisher.sources.sim import SimSource
 log = logging.getLogger(__name__)
 
 CONNECT_WAIT_S = 10.0
+"""Wall seconds the first round waits for the broker (QoS 0 samples are not queued)."""
 
 
 def next_wait_s(source: Source, interval_s: float) -> float | None:
@@ -38,18 +36,23 @@ def next_wait_s(source: Source, interval_s: float) -> float | None:
 
 
 class PublisherService:
-    """Samples ``source`` in a thread and publishes through ``bus``."""
+    """Samples a source in a thread and publishes its Samples."""
 
-    def __init__(self, bus: Bus, source: Source, topics: Topics, host: str, interval_s: float,
-                 qos: int = 0, count: int | None = None) -> None:
-        self.bus = bus
-        self.source = source
-        self.topics = topics
-        self.host = host
-        self.interval_s = interval_s
-        self.qos = qos
-        self.count = count
-        self.stamper = Stamper(host)
+    component = "publisher"
+
+    def __init__(self, opts: PublisherOptions, source: Source | None = None) -> None:
+        common = opts.common
+        self.topics = common.topics
+        self.host = common.host_name
+        self.qos = common.config.publisher.sample_qos
+        self.count = opts.count
+        try:
+            self.interval_s = interval_of(opts)
+            self.source = source or open_source(opts, self.interval_s)
+        except NoSourceError as exc:
+            raise RunFailure(str(exc)) from None
+        self.stamper = Stamper(self.host)
+        self.bus: Bus | None = None
         self.finished = threading.Event()
         self.rounds = 0
         self.published = 0
@@ -58,29 +61,17 @@ class PublisherService:
         self.commands = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="publisher-sampler", daemon=True)
-        if isinstance(source, SimSource):
-            bus.subscribe(topics.gpu_pattern("sim", host), self._on_sim, qos=1)
+        log.info("publisher: source %s, every %g s", self.source.name, self.interval_s)
 
-    # --- MQTT side (paho's thread: validate and queue only) ----------------------------------
-    def _on_sim(self, msg: paho.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
-        parts = self.topics.parse(msg.topic)
-        try:
-            command = parse_payload(SimCommand, payload)
-        except PayloadError as exc:
-            self.bus.deadletter(msg.topic, payload, exc.reason)
-            return
-        source = self.source
-        if parts is None or parts.index is None or not isinstance(source, SimSource) \
-                or not source.has_gpu(parts.index):
-            self.bus.deadletter(msg.topic, payload, "unknown GPU: no simulated GPU at this index")
-            return
-        source.command(parts.index, command)
-        self.commands += 1
-        log.info("sim command %s for GPU %d (action %s)", command.command, parts.index,
-                 command.action_id)
+    # --- lifecycle -------------------------------------------------------------------------
+    def bus_options(self) -> BusOptions:
+        return BusOptions()
 
-    # --- sampling thread ---------------------------------------------------------------------
+    def attach(self, bus: Bus) -> None:
+        self.bus = bus
+        if isinstance(self.source, SimSource):
+            bus.subscribe(self.topics.gpu_pattern("sim", self.host), SimCommand, self._on_sim)
+
     def start(self) -> None:
         self._thread.start()
 
@@ -88,9 +79,35 @@ class PublisherService:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        self.source.close()
 
+    def summary(self) -> str:
+        return (f"{self.rounds} rounds, {self.published} samples published, {self.unsent} "
+                f"unsent, {self.errors} failed rounds")
+
+    # --- MQTT side (the network thread: validate and queue only) -----------------------------
+    def _on_sim(self, received: Received[SimCommand]) -> None:
+        index = received.parts.index
+        source = self.source
+        if index is None or not isinstance(source, SimSource) or not source.has_gpu(index):
+            if self.bus is not None:
+                self.bus.deadletter(received.topic, received.payload,
+                                    "unknown GPU: no simulated GPU at this index")
+            return
+        command = received.message
+        source.command(index, command)
+        self.commands += 1
+        log.info("sim command %s for GPU %d (action %s)", command.command, index,
+                 command.action_id)
+
+    # --- sampling thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            bus = self.bus
+            if bus is not None and not bus.wait_connected(CONNECT_WAIT_S):
+                log.warning("publisher: broker %s not reachable yet (%s); sampling anyway, "
+                            "reconnecting in the background", bus.broker.redacted(),
+                            bus.last_connect_error or "no answer")
             due = time.monotonic()
             while not self._stop.is_set() and not self._done():
                 self._round()
@@ -121,48 +138,19 @@ class PublisherService:
             self.errors += 1
             log.exception("%s: sampling failed", self.source.name)
             return
+        bus = self.bus
         for sample in samples:
-            info = self.bus.publish(self.topics.sample(sample.host, sample.index),
-                                    sample.to_json(), qos=self.qos)
-            if publish_ok(info):
+            if bus is None:
+                break
+            delivery = bus.publish(self.topics.sample(sample.host, sample.index),
+                                   sample.to_json(), qos=self.qos)
+            if delivery.queued:
                 self.published += 1
             else:
                 self.unsent += 1
 
 
 def run(opts: PublisherOptions, stop: threading.Event | None = None) -> int:
-    """Run the publisher until ``stop`` is set (or ``--count`` rounds, or the replay ends).
-    Returns 0, or 1 when no source works or the broker was never reached."""
-    stop = stop or threading.Event()
-    common = opts.common
-    topics = common.topics
-    bus = Bus(common.broker, "publisher", common.host_name, topics)  # a bad URL fails here
-    try:
-        interval_s = interval_of(opts)
-        source = open_source(opts, interval_s)
-    except NoSourceError as exc:
-        print(f"gpuheal publisher: {exc}", file=sys.stderr)
-        return 1
-    service = PublisherService(bus, source, topics, common.host_name, interval_s,
-                               qos=common.config.publisher.sample_qos, count=opts.count)
-    log.info("publisher: source %s, every %g s, broker %s", source.name, interval_s,
-             bus.broker.redacted())
-    try:
-        if not bus.start(wait_s=CONNECT_WAIT_S):
-            log.warning("publisher: broker %s not reachable yet (%s); sampling anyway, "
-                        "reconnecting in the background", bus.broker.redacted(),
-                        bus.last_connect_error or "no answer")
-        service.start()
-        while not stop.is_set() and not service.finished.is_set():
-            stop.wait(0.2)
-    finally:
-        service.stop()
-        source.close()
-        bus.stop()
-    log.info("publisher: %d rounds, %d samples published, %d unsent, %d failed rounds",
-             service.rounds, service.published, service.unsent, service.errors)
-    if bus.stats.connects == 0:
-        print(f"gpuheal publisher: never reached the broker at {bus.broker.redacted()}",
-              file=sys.stderr)
-        return 1
-    return 0
+    """Run the publisher until ``stop`` is set (or SIGINT/SIGTERM/SIGHUP when no ``stop`` is
+    given); the exit code of :mod:`gpuheal.runtime`."""
+    return run_service("publisher", lambda: PublisherService(opts), opts.common, stop)

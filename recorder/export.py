@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from gpuheal.records import BOOL_COLUMNS, JSON_COLUMNS
 from recorder.dbfile import RecordingError, open_readonly, require_table
 from recorder.progress import Progress
-from recorder.schema import BOOL_COLUMNS, JSON_COLUMNS, TIME_COLUMN
+from recorder.schema import TIME_COLUMN
 from recorder.timespec import since_ts
 
 FORMATS = ("csv", "jsonl")

@@ -7,7 +7,6 @@ Only raw samples replay; those already folded into 1-minute aggregates by retent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,8 @@ from typing import Any
 from sqlite_utils import Database
 
 from gpuheal.models import Sample
+from gpuheal.records import sample_from_row
 from recorder.dbfile import open_readonly, require_table
-from recorder.schema import BOOL_COLUMNS, JSON_COLUMNS
-
-_NOT_SAMPLE_FIELDS = ("id", "received_ts")
 
 
 def _where(host: str | None, gpu: int | None, since_ts: float | None,
@@ -72,20 +69,6 @@ def _iterate(database: Database, sql: str, params: list[Any]) -> Iterator[Sample
         cursor = database.execute(sql, params)
         names = [d[0] for d in cursor.description]
         for row in cursor:
-            yield row_to_sample(dict(zip(names, row, strict=True)))
+            yield sample_from_row(dict(zip(names, row, strict=True)))
     finally:
         database.close()
-
-
-def row_to_sample(row: dict[str, Any]) -> Sample:
-    """A ``samples`` row as the Sample it recorded."""
-    data: dict[str, Any] = {}
-    for key, value in row.items():
-        if key in _NOT_SAMPLE_FIELDS:
-            continue
-        if key in JSON_COLUMNS and value is not None:
-            value = json.loads(value)
-        elif key in BOOL_COLUMNS and value is not None:
-            value = bool(value)
-        data["index" if key == "gpu" else key] = value
-    return Sample.model_validate(data)

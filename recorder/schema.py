@@ -4,11 +4,11 @@ A recording carries its schema version in ``schema_version`` (one row per applie
 migration). Opening a file of an older version applies the missing migrations in order,
 each in its own transaction; a file of a newer version than this code knows is refused.
 
-Column ``gpu`` holds a message's ``index`` (``index`` is an SQL keyword). Lists and
-objects (``processes``, ``throttle_reasons``, ``xids``, ``evidence``, ``detail``,
-``active``, ``cooldowns``, ``throttled``) are stored as compact JSON text; a missing
-value is NULL. Timestamps (``*ts``) are UNIX seconds; ``received_ts`` is the recorder's
-clock, every other ``ts`` the source's.
+The recorded tables and their columns follow the message models (:mod:`gpuheal.records`):
+column ``gpu`` holds a message's ``index`` (an SQL keyword), lists and objects are compact
+JSON text, a missing value is NULL. A field newer than the file gets its column when the file
+is opened (:func:`add_new_columns`). Timestamps (``*ts``) are UNIX seconds; ``received_ts``
+is the recorder's clock, every other ``ts`` the source's.
 """
 
 from __future__ import annotations
@@ -19,59 +19,13 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
-SAMPLE_COLUMNS: tuple[str, ...] = (
-    "host", "gpu", "seq", "ts", "uuid", "name", "source",
-    "temperature_c", "utilization_pct", "memory_used_mb", "memory_total_mb",
-    "power_draw_w", "power_limit_w", "sm_clock_mhz", "mem_clock_mhz", "fan_pct",
-    "throttle_reasons", "xids", "ecc_uncorrected", "remapped_rows_pending", "processes",
-    "available", "error", "received_ts",
-)
-STATE_COLUMNS: tuple[str, ...] = (
-    "host", "gpu", "uuid", "name", "health", "error", "error_message",
-    "temperature", "utilization", "memory_used_mb", "memory_total_mb", "memory_percent",
-    "power_draw_w", "power_limit_w", "graphics_mhz", "memory_mhz", "fan_speed",
-    "timestamp", "ts", "active", "analyzer_started_ts", "received_ts",
-)
-EVENT_COLUMNS: tuple[str, ...] = (
-    "event_id", "phase", "severity", "host", "gpu", "kind", "started_ts", "ts",
-    "message", "evidence", "recommended_action", "received_ts",
-)
-ACTION_COLUMNS: tuple[str, ...] = (
-    "action_id", "status", "event_id", "host", "gpu", "action", "reason", "attempt",
-    "ts", "duration_s", "detail", "received_ts",
-)
-STATUS_COLUMNS: tuple[str, ...] = ("host", "component", "status", "ts")
-DEADLETTER_COLUMNS: tuple[str, ...] = ("component", "topic", "reason", "payload", "ts")
-HEALER_STATE_COLUMNS: tuple[str, ...] = (
-    "host", "enabled", "dry_run", "breaker_open", "breaker_reason", "unresolved_count",
-    "budget_left", "budget_per_hour", "cooldowns", "throttled", "ts", "received_ts",
-)
-AGGREGATE_COLUMNS: tuple[str, ...] = (
-    "host", "gpu", "minute_ts", "metric", "n", "min", "avg", "max",
-)
+from gpuheal.records import TABLES
 
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "samples": SAMPLE_COLUMNS,
-    "states": STATE_COLUMNS,
-    "events": EVENT_COLUMNS,
-    "actions": ACTION_COLUMNS,
-    "component_status": STATUS_COLUMNS,
-    "deadletter": DEADLETTER_COLUMNS,
-    "healer_states": HEALER_STATE_COLUMNS,
-    "sample_aggregates": AGGREGATE_COLUMNS,
+COLUMNS: dict[str, tuple[str, ...]] = {t: spec.names for t, spec in TABLES.items()} | {
+    "sample_aggregates": ("host", "gpu", "minute_ts", "metric", "n", "min", "avg", "max"),
 }
-"""Every table a recording holds, with the columns the recorder writes."""
-
-JSON_COLUMNS: frozenset[str] = frozenset({
-    "throttle_reasons", "xids", "processes", "evidence", "detail", "active",
-    "cooldowns", "throttled",
-})
-"""Columns holding JSON text (decoded again by ``export --format jsonl`` and replay)."""
-
-BOOL_COLUMNS: frozenset[str] = frozenset({
-    "remapped_rows_pending", "available", "enabled", "dry_run", "breaker_open",
-})
-"""Columns holding booleans as 0/1 (``true``/``false`` again in JSON lines)."""
+"""Every table a recording holds, with the columns the recorder writes (from the models:
+:mod:`gpuheal.records`)."""
 
 TIME_COLUMN: dict[str, str] = {t: "ts" for t in COLUMNS} | {"sample_aggregates": "minute_ts"}
 """The column ``--since`` filters on, per table."""
@@ -81,48 +35,39 @@ AGGREGATED_METRICS: tuple[str, ...] = (
 )
 """Sample fields kept as 1-minute min/avg/max once raw samples pass retention."""
 
-_REAL = float
 _INT = int
 _TEXT = str
+_REAL = float
+_PY_TYPE = {"REAL": _REAL, "INTEGER": _INT, "TEXT": _TEXT}
+
+
+def _columns(table: str) -> dict[str, type]:
+    """Column → type of a recorded table, from its model."""
+    return {c.name: _PY_TYPE[c.sql_type] for c in TABLES[table].columns}
 
 
 def _migrate_1_initial(db: Database) -> None:
     """The first schema: raw tables and the keys that make redelivery idempotent."""
-    samples = {c: _REAL for c in SAMPLE_COLUMNS}
-    samples |= {"host": _TEXT, "gpu": _INT, "seq": _INT, "uuid": _TEXT, "name": _TEXT,
-                "source": _TEXT, "throttle_reasons": _TEXT, "xids": _TEXT,
-                "ecc_uncorrected": _INT, "remapped_rows_pending": _INT, "processes": _TEXT,
-                "available": _INT, "error": _TEXT}
-    db["samples"].create({"id": _INT} | samples, pk="id",
+    db["samples"].create({"id": _INT} | _columns("samples"), pk="id",
                          not_null=["host", "gpu", "seq", "ts", "source"])
     # the key doubles as the index of per-GPU time ranges (history, replay --host/--gpu)
     db["samples"].create_index(["host", "gpu", "ts", "seq"], "samples_key", unique=True)
 
-    states = {c: _REAL for c in STATE_COLUMNS}
-    states |= {"host": _TEXT, "gpu": _INT, "uuid": _TEXT, "name": _TEXT, "health": _TEXT,
-               "error": _TEXT, "error_message": _TEXT, "timestamp": _TEXT, "active": _TEXT}
-    db["states"].create(states, pk=("host", "gpu"), not_null=["health", "ts"])
+    db["states"].create(_columns("states"), pk=("host", "gpu"), not_null=["health", "ts"])
 
-    events = {c: _TEXT for c in EVENT_COLUMNS}
-    events |= {"gpu": _INT, "started_ts": _REAL, "ts": _REAL, "received_ts": _REAL}
-    db["events"].create({"id": _INT} | events, pk="id",
+    db["events"].create({"id": _INT} | _columns("events"), pk="id",
                         not_null=["event_id", "phase", "severity", "host", "gpu", "kind", "ts"])
     db["events"].create_index(["event_id", "phase", "severity"], "events_key", unique=True)
 
-    actions = {c: _TEXT for c in ACTION_COLUMNS}
-    actions |= {"gpu": _INT, "attempt": _INT, "ts": _REAL, "duration_s": _REAL,
-                "received_ts": _REAL}
-    db["actions"].create({"id": _INT} | actions, pk="id",
+    db["actions"].create({"id": _INT} | _columns("actions"), pk="id",
                          not_null=["action_id", "status", "host", "gpu", "action", "ts"])
     db["actions"].create_index(["action_id", "status"], "actions_key", unique=True)
 
-    db["component_status"].create(
-        {"id": _INT, "host": _TEXT, "component": _TEXT, "status": _TEXT, "ts": _REAL},
-        pk="id", not_null=["host", "component", "status", "ts"])
+    db["component_status"].create({"id": _INT} | _columns("component_status"),
+                                  pk="id", not_null=["host", "component", "status", "ts"])
 
-    db["deadletter"].create(
-        {"id": _INT, "component": _TEXT, "topic": _TEXT, "reason": _TEXT, "payload": _TEXT,
-         "ts": _REAL}, pk="id", not_null=["reason", "ts"])
+    db["deadletter"].create({"id": _INT} | _columns("deadletter"), pk="id",
+                            not_null=["reason", "ts"])
     db["deadletter"].create_index(["component", "topic", "reason", "ts"], "deadletter_key",
                                   unique=True)
 
@@ -145,10 +90,7 @@ def _migrate_2_aggregates_and_history_indexes(db: Database) -> None:
 
 def _migrate_3_healer_states(db: Database) -> None:
     """The healer's retained guard state, latest per host."""
-    cols = {c: _INT for c in HEALER_STATE_COLUMNS}
-    cols |= {"host": _TEXT, "breaker_reason": _TEXT, "cooldowns": _TEXT, "throttled": _TEXT,
-             "ts": _REAL, "received_ts": _REAL}
-    db["healer_states"].create(cols, pk="host", not_null=["ts"])
+    db["healer_states"].create(_columns("healer_states"), pk="host", not_null=["ts"])
 
 
 @dataclass(frozen=True)
@@ -199,4 +141,21 @@ def migrate(db: Database, target: int = SCHEMA_VERSION) -> list[int]:
                 db["schema_version"].insert(
                     {"version": m.version, "name": m.name, "applied_ts": time.time()})
             applied.append(m.version)
+    if target == SCHEMA_VERSION:
+        add_new_columns(db)
     return applied
+
+
+def add_new_columns(db: Database) -> list[str]:
+    """Add the columns of model fields newer than the file (``table.column``, added)."""
+    added: list[str] = []
+    with db.atomic():
+        for table, spec in TABLES.items():
+            if not db[table].exists():
+                continue
+            have = set(db[table].columns_dict)
+            for column in spec.columns:
+                if column.name not in have:
+                    db[table].add_column(column.name, _PY_TYPE[column.sql_type])
+                    added.append(f"{table}.{column.name}")
+    return added

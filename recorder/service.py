@@ -4,16 +4,18 @@
   subscriptions to samples, states, events, actions, component statuses, healer states and
   dead letters of every host (or ``--only-host``): while the recorder is down, the broker
   keeps what it misses.
-* Manual acknowledgement: paho's network thread only appends each message to a bounded
-  buffer; the writer thread takes batches (lingering ``flush_interval_s`` for them to fill),
-  stores each in one transaction, and only then queues their acknowledgements, which go out
-  in arrival order from the network thread as the next message arrives (or from the writer
-  once nothing is left to store). A message received but not committed when the process
-  dies is not acknowledged, so the broker sends it again when the session resumes; the
-  table keys turn the second copy into a no-op. The MQTT Receive Maximum
-  (``min(buffer_max, 65535)``) caps how many unacknowledged messages the broker sends.
-* Bad input (malformed, schema-invalid, inconsistent with its topic) becomes a row of the
-  ``deadletter`` table with the reason, and is then acknowledged. It is not republished.
+* Manual acknowledgement: the network thread only appends each message (validated by the
+  Bus) to a bounded buffer; the writer thread takes batches (lingering ``flush_interval_s``
+  for them to fill), stores each in one transaction, and only then queues their
+  acknowledgements, which go out in arrival order from the network thread as the next
+  message arrives (or from the writer once nothing is left to store). A message received
+  but not committed when the process dies is not acknowledged, so the broker sends it again
+  when the session resumes; the table keys turn the second copy into a no-op. The MQTT
+  Receive Maximum (``min(buffer_max, 65535)``) caps how many unacknowledged messages the
+  broker sends.
+* Bad input (malformed, schema-invalid, inconsistent with its topic: the Bus's ``on_reject``)
+  becomes a row of the ``deadletter`` table with the reason, and is then acknowledged. It is
+  not republished.
 * A locked or full disk: the batch is kept and retried with backoff (nothing is
   acknowledged meanwhile, so nothing is lost), new messages keep buffering, and a warning is
   published on ``P/deadletter/recorder`` (a DeadLetter whose ``topic`` is the recorder's
@@ -25,21 +27,21 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sqlite3
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from types import FrameType
 
-import paho.mqtt.client as paho
+from pydantic import BaseModel
 
 from gpuheal.models import DeadLetter
-from gpuheal.mqtt import Bus
+from gpuheal.mqtt import Bus, Received, Rejected
 from gpuheal.options import RecorderOptions
+from gpuheal.records import MODEL_OF_KIND
+from gpuheal.runtime import BusOptions, RunFailure, run_service
+from gpuheal.wire import PayloadError
 from recorder.buffer import BoundedBuffer
-from recorder.rows import RECORDER, Record, deadletter_record, record_for
+from recorder.rows import RECORDER, Record, deadletter_record, record_of
 from recorder.schema import SchemaError
 from recorder.store import Store
 
@@ -50,15 +52,9 @@ IDLE_POLL_S = 1.0
 _STORE_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
 """What a single row can fail with besides a locked/full disk (OperationalError)."""
 
-
-@dataclass(slots=True)
-class Pending:
-    """A received message waiting to be stored and acknowledged."""
-
-    msg: paho.MQTTMessage
-    received_ts: float
-    generation: int
-    """Which connection delivered it; an ack only makes sense on that same connection."""
+Pending = Received[BaseModel] | Rejected
+"""A received message waiting to be stored and acknowledged (a valid one, or a payload that
+becomes a dead-letter row)."""
 
 
 @dataclass
@@ -88,36 +84,31 @@ class RecorderStats:
 
 
 class Recorder:
-    """Subscribes, buffers, stores, acknowledges. ``start()`` then ``stop()``."""
+    """Subscribes, buffers, stores, acknowledges."""
+
+    component = RECORDER
 
     def __init__(self, opts: RecorderOptions, store: Store | None = None) -> None:
         self.opts = opts
         self.cfg = opts.common.config.recorder
         self.topics = opts.common.topics
-        host = opts.common.host_name
+        self.host = opts.common.host_name
         self.stats = RecorderStats()
+        self.finished = threading.Event()
         self.buffer: BoundedBuffer[Pending] = BoundedBuffer(self.cfg.buffer_max)
-        only = opts.common.only_host  # an invalid host name fails here, before any I/O
-        patterns = [self.topics.gpu_pattern(kind, only)
-                    for kind in ("sample", "state", "event", "action")]
-        patterns += [self.topics.status_pattern(only), self.topics.healer_state_pattern(only),
-                     self.topics.deadletter_pattern()]
-        self.store = store or Store(opts.db, busy_timeout_s=self.cfg.busy_timeout_s,
-                                    synchronous=self.cfg.synchronous)
+        only = opts.common.only_host
+        t = self.topics
+        self._patterns = [(t.gpu_pattern(kind, only), kind)
+                          for kind in ("sample", "state", "event", "action")]
+        self._patterns += [(t.status_pattern(only), "status"),
+                           (t.healer_state_pattern(only), "healer_state"),
+                           (t.deadletter_pattern(), "deadletter")]
         try:
-            self.bus = Bus(
-                opts.common.broker, component=RECORDER, host=host, topics=self.topics,
-                client_id=opts.client_id or f"gpuheal-recorder-{host}", clean_start=False,
-                session_expiry_s=self.cfg.session_expiry_s, manual_ack=True,
-                receive_maximum=min(self.cfg.buffer_max, 65_535),
-            )
-        except ValueError:
-            self.store.close()
-            raise
-        for pattern in patterns:
-            self.bus.subscribe(pattern, self._on_message, qos=1)
-        self.bus.on_connected(self._on_connected)
-        self._generation = 0
+            self.store = store or Store(opts.db, busy_timeout_s=self.cfg.busy_timeout_s,
+                                        synchronous=self.cfg.synchronous)
+        except (SchemaError, sqlite3.Error, OSError, ValueError) as exc:
+            raise RunFailure(f"cannot record to {opts.db}: {exc}") from None
+        self.bus: Bus | None = None
         self._acks: list[Pending] = []
         """Committed messages waiting for their acknowledgement (see ``_flush_acks``)."""
         self._acks_lock = threading.Lock()
@@ -127,15 +118,27 @@ class Recorder:
         self._next_retention_mono = 0.0
         self._writer = threading.Thread(target=self._writer_loop, name="recorder-writer",
                                         daemon=True)
+        log.info("recorder: recording to %s (schema migrations applied: %s)", opts.db,
+                 self.store.migrated or "none")
 
-    # --- life --------------------------------------------------------------------------
-    def start(self, wait_s: float | None = None) -> bool:
-        """Start the writer, then connect (in the background; optionally wait for it)."""
+    # --- lifecycle -----------------------------------------------------------------------
+    def bus_options(self) -> BusOptions:
+        return BusOptions(
+            client_id=self.opts.client_id or f"gpuheal-recorder-{self.host}",
+            clean_start=False, session_expiry_s=self.cfg.session_expiry_s, manual_ack=True,
+            receive_maximum=min(self.cfg.buffer_max, 65_535), on_reject=self._on_message)
+
+    def attach(self, bus: Bus) -> None:
+        self.bus = bus
+        for pattern, kind in self._patterns:
+            bus.subscribe(pattern, MODEL_OF_KIND[kind], self._on_message)
+
+    def start(self) -> None:
+        """Start the writer (the bus connects in the background)."""
         self._writer.start()
-        return self.bus.start(wait_s)
 
     def stop(self) -> None:
-        """Commit and acknowledge what is buffered (up to ``drain_timeout_s``), go offline."""
+        """Commit and acknowledge what is buffered (up to ``drain_timeout_s``)."""
         self._closing.set()
         self.buffer.wake()
         if self._writer.is_alive():
@@ -147,21 +150,21 @@ class Recorder:
             self.buffer.wake()
             self._writer.join()
         self._flush_acks()  # what was committed: acknowledged before going offline
-        self.bus.stop()
         self.store.close()
 
-    # --- network thread: never block -------------------------------------------------------
-    def _on_connected(self) -> None:
-        self._generation += 1
+    def summary(self) -> str:
+        s = self.stats
+        return (f"{s.received} messages received, {s.committed} stored, {s.deadlettered} "
+                f"dead letters, {s.dropped} dropped")
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
+    # --- network thread: never block -------------------------------------------------------
+    def _on_message(self, item: Pending) -> None:
         if self._acks:
             self._flush_acks()
         self.stats.received += 1
         if self.stats.first_received_mono is None:
             self.stats.first_received_mono = time.monotonic()
-        if not self.buffer.put(Pending(msg, time.time(), self._generation),
-                               droppable=msg.qos == 0):
+        if not self.buffer.put(item, droppable=item.qos == 0):
             self.stats.dropped = self.buffer.dropped
             if self.buffer.dropped in (1, 10, 100) or self.buffer.dropped % 1000 == 0:
                 log.warning("recorder: buffer full (%d); %d QoS 0 samples dropped so far",
@@ -177,9 +180,7 @@ class Recorder:
                     return
                 continue
             try:
-                topics = self.topics
-                pairs = [(p, record_for(topics, p.msg.topic, p.msg.payload, p.received_ts))
-                         for p in batch]
+                pairs = [(p, _record(p)) for p in batch]
                 if not self._commit(pairs):
                     return  # stopping while the disk refuses writes: leave them unacked
             except Exception:  # a bug must not kill the writer; unacked: resent on reconnect
@@ -188,7 +189,7 @@ class Recorder:
                 continue
             self.stats.last_commit_mono = time.monotonic()
             with self._acks_lock:
-                self._acks.extend(p for p in batch if p.msg.qos > 0)
+                self._acks.extend(p for p in batch if p.qos > 0)
             if not len(self.buffer):
                 self._flush_acks()
 
@@ -199,15 +200,14 @@ class Recorder:
         that thread's own writes, instead of the writer waking it once per ack), and on the
         writer when it has nothing left to store (the stream paused or ended). Only messages
         of the current connection are acknowledged: the broker resends the others anyway."""
+        bus = self.bus
+        if bus is None:
+            return
         with self._acks_lock:  # held while acking: two flushers never interleave
             acks, self._acks = self._acks, []
-            generation, ack = self._generation, self.bus.ack
-            acked = 0
             for p in acks:
-                if p.generation == generation:
-                    ack(p.msg)
-                    acked += 1
-            self.stats.acked += acked
+                bus.ack(p)  # only on the connection that delivered it
+            self.stats.acked += len(acks)
 
     def _commit(self, pairs: list[tuple[Pending, Record | None]]) -> bool:
         """Store the batch, retrying while the disk refuses; False if told to give up."""
@@ -249,7 +249,7 @@ class Recorder:
             except sqlite3.OperationalError:
                 raise
             except _STORE_ERRORS as exc:  # e.g. a lone surrogate SQLite cannot encode
-                letter = deadletter_record(p.msg.topic, p.msg.payload, f"cannot store: {exc}",
+                letter = deadletter_record(p.topic, p.payload, f"cannot store: {exc}",
                                            p.received_ts)
                 try:
                     changed += self.store.write([letter])
@@ -258,7 +258,7 @@ class Recorder:
                 except _STORE_ERRORS:
                     self.stats.unstorable += 1
                     log.exception("recorder: cannot store message on %s, not even as a dead "
-                                  "letter; dropping it", p.msg.topic)
+                                  "letter; dropping it", p.topic)
         return changed
 
     def _storage_failed(self, exc: sqlite3.OperationalError) -> None:
@@ -273,7 +273,7 @@ class Recorder:
         reason = (f"storage unavailable ({self.store.path}): {exc}; {len(self.buffer)} "
                   "messages buffered, none acknowledged until stored")
         log.warning("recorder: %s", reason)
-        if self.bus.connected and self.bus.status_topic:
+        if self.bus is not None and self.bus.connected and self.bus.status_topic:
             letter = DeadLetter(component=RECORDER, topic=self.bus.status_topic,
                                 reason=reason, payload="", ts=time.time())
             self.bus.publish(self.topics.deadletter(RECORDER), letter.to_json(), qos=0)
@@ -297,31 +297,21 @@ class Recorder:
                      result.samples_folded, self.cfg.retention_days, result.aggregate_rows)
 
 
-def run(opts: RecorderOptions, stop: threading.Event | None = None) -> int:
-    """Record until ``stop`` is set (or SIGINT/SIGTERM when no ``stop`` is given); 0 on a
-    clean stop, 1 when the database or the broker URL cannot be used."""
-    own_signals = stop is None and threading.current_thread() is threading.main_thread()
-    stop = stop or threading.Event()
+def _record(item: Pending) -> Record | None:
+    """The row of one buffered message: its table's, or a dead letter with the reason."""
+    if isinstance(item, Rejected):
+        return deadletter_record(item.topic, item.payload, item.reason, item.received_ts)
     try:
-        recorder = Recorder(opts)
-    except (SchemaError, sqlite3.Error, OSError, ValueError) as exc:
-        print(f"gpuheal recorder: cannot record to {opts.db}: {exc}", file=sys.stderr)
-        return 1
-    previous: dict[int, object] = {}
-    if own_signals:
-        def _set(_signum: int, _frame: FrameType | None) -> None:
-            stop.set()
+        return record_of(item.parts, item.message, item.received_ts)
+    except PayloadError as exc:
+        return deadletter_record(item.topic, item.payload, exc.reason, item.received_ts)
+    except (ValueError, TypeError, RecursionError) as exc:  # valid, yet not storable
+        return deadletter_record(item.topic, item.payload, f"cannot store: {exc}",
+                                 item.received_ts)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _set)
-    log.info("recorder: recording to %s (schema migrations applied: %s)", opts.db,
-             recorder.store.migrated or "none")
-    recorder.start()
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        recorder.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-    return 0
+
+
+def run(opts: RecorderOptions, stop: threading.Event | None = None) -> int:
+    """Run the recorder until ``stop`` is set (or SIGINT/SIGTERM/SIGHUP when no ``stop`` is
+    given); the exit code of :mod:`gpuheal.runtime`."""
+    return run_service("recorder", lambda: Recorder(opts), opts.common, stop)

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -179,3 +180,73 @@ class Speaker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FakeOllama:
+    """A tiny HTTP server speaking Ollama's /api/ps and /api/generate; records requests."""
+
+    def __init__(self, models: list[str], fail_generate: bool = False,
+                 stuck: threading.Event | None = None) -> None:
+        """``stuck``: while it is not set, a generation request never answers (a hung GPU:
+        the model runner waits on it)."""
+        self.models = list(models)
+        self.requests: list[tuple[str, str, Any]] = []
+        self.stuck = stuck
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                fake.requests.append(("GET", self.path, None))
+                if self.path != "/api/ps":
+                    self._reply(404, {"error": "not found"})
+                    return
+                self._reply(200, {"models": [
+                    {"name": m, "model": m, "size": 5137025024, "digest": "a" * 64,
+                     "expires_at": "2025-11-11T12:05:00Z", "size_vram": 5137025024}
+                    for m in fake.models]})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(("POST", self.path, body))
+                if self.path != "/api/generate":
+                    self._reply(404, {"error": "not found"})
+                    return
+                if fake.fail_generate:
+                    self._reply(500, {"error": "model runner crashed"})
+                    return
+                if body.get("keep_alive") == 0 and body.get("model") in fake.models:
+                    fake.models.remove(body["model"])
+                    self._reply(200, {"model": body.get("model"), "created_at":
+                                      "2025-11-11T12:00:00Z", "response": "", "done": True,
+                                      "done_reason": "unload"})
+                    return
+                if fake.stuck is not None:
+                    fake.stuck.wait(60)  # the client's deadline comes first
+                self._reply(200, {"model": body.get("model"), "created_at":
+                                  "2025-11-11T12:00:00Z", "response": "ok", "done": True,
+                                  "done_reason": "length", "eval_count": 1})
+
+        self.fail_generate = fail_generate
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+
+    def __enter__(self) -> FakeOllama:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

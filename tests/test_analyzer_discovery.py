@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from analyzer.discovery import gpu_discovery, healer_discovery, object_id
-from gpuheal.topics import HOST_RE, Topics
+from gpuheal.topics import Topics, valid_host
 
 T = Topics("gpuheal", "homeassistant")
 STATUS = T.status("site", "analyzer")
@@ -22,7 +22,7 @@ def test_gpu_entities_read_the_retained_state() -> None:
     ids = set()
     for topic, p in payloads.items():
         assert topic.startswith("homeassistant/") and topic.endswith("/config")
-        assert HOST_RE.match(topic.split("/")[2])
+        assert valid_host(topic.split("/")[2])
         assert p["state_topic"] == "gpuheal/node1/gpu/3/state"
         assert p["availability"][0]["topic"] == STATUS
         assert p["device"]["identifiers"] == ["gpuheal_gpuheal_node1_gpu_3"]
@@ -48,4 +48,4 @@ def test_healer_switch_commands_the_healer_set_topic() -> None:
 
 def test_object_ids_are_topic_safe() -> None:
     oid = object_id("gpuheal", "site/a b", "host", "gpu", 0, "power")
-    assert HOST_RE.match(oid) and oid == "gpuheal_site_a_b_host_gpu_0_power"
+    assert valid_host(oid) and oid == "gpuheal_site_a_b_host_gpu_0_power"

@@ -20,10 +20,11 @@ from analyzer.service import run
 from gpuheal.broker import PrivateBroker, start_local_broker
 from gpuheal.config import AnalyzerConfig, GpuhealConfig
 from gpuheal.config.detection import UnavailableConfig
-from gpuheal.models import DeadLetter, Event, Sample, State, parse_payload
+from gpuheal.models import DeadLetter, Event, Sample, State
 from gpuheal.mqtt import BrokerURL
 from gpuheal.options import AnalyzerOptions, CommonOptions
 from gpuheal.topics import Topics
+from gpuheal.wire import decode
 from tests.support import Collector, publish
 from tests.test_analyzer_streams import (
     T0,
@@ -101,7 +102,7 @@ def final_states_seen(col: Collector, samples: list[Sample]) -> None:
 
 
 def events_of(col: Collector) -> list[Event]:
-    return [parse_payload(Event, m.payload) for m in col.on("/event")]
+    return [decode(Event, m.payload) for m in col.on("/event")]
 
 
 def run_streams(url: str, prefix: str, samples: list[Sample], paced: bool) -> list[Event]:
@@ -149,7 +150,7 @@ def test_invalid_payloads_go_to_the_dead_letter_topic_and_the_analyzer_stays_up(
                  what="four dead letters")
         publish(url, topics.sample("node1", 0), good.to_json())
         col.wait(lambda ms: any(m.topic.endswith("/state") for m in ms), what="a state")
-        letters = [parse_payload(DeadLetter, m.payload) for m in col.on("/deadletter/analyzer")]
+        letters = [decode(DeadLetter, m.payload) for m in col.on("/deadletter/analyzer")]
         reasons = [d.reason for d in letters]
         assert reasons[0].startswith("not JSON")
         assert "finite" in reasons[1] or "NaN" in reasons[1] or "invalid" in reasons[1]
@@ -179,7 +180,7 @@ def test_restarted_analyzer_continues_conditions_without_reraising(
     assert [e.phase for e in raised] == ["raised"]
     second_run = events[len(first_run):]
     assert [(e.phase, e.event_id) for e in second_run] == [("cleared", raised[0].event_id)]
-    states = [parse_payload(State, m.payload) for m in col.on("/state")]
+    states = [decode(State, m.payload) for m in col.on("/state")]
     b_states = [s for s in states if s.analyzer_started_ts != a_started]
     assert b_states and b_states[0].analyzer_started_ts > a_started
     assert b_states[0].active[0].event_id == raised[0].event_id

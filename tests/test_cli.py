@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
-from gpuheal.models import State, iso_utc
+from gpuheal.models import HealerState, State, iso_utc
 from gpuheal.topics import Topics
 from tests.support import publish
 
@@ -17,22 +19,61 @@ def run(cmd: list[str], *args: str, timeout: float = 60) -> subprocess.Completed
 
 def test_status_prints_every_retained_state(broker, prefix: str, gpuheal_cmd) -> None:
     t = Topics(prefix)
-    for host, index, health in (("alpha", 0, "healthy"), ("alpha", 1, "critical"),
-                                ("beta", 0, "warning")):
+    now = time.time()
+    for host, index, health, analyzer in (("alpha", 0, "healthy", "central"),
+                                          ("alpha", 1, "critical", "central"),
+                                          ("beta", 0, "healthy", "edge-b")):
         state = State(host=host, index=index, name="NVIDIA H100 80GB HBM3", health=health,
                       error="none" if health == "healthy" else "gpu_hang",
-                      temperature=61.0, utilization=100.0, timestamp=iso_utc(1.7e9), ts=1.7e9)
+                      error_message=None if health == "healthy" else "hang confirmed: flat",
+                      temperature=61.0, utilization=100.0, timestamp=iso_utc(now), ts=now,
+                      analyzer=analyzer)
         publish(broker.url, t.state(host, index), state.to_json(), retain=True)
+    publish(broker.url, t.status("central", "analyzer"), b"online", retain=True)
+    publish(broker.url, t.status("edge-b", "analyzer"), b"offline", retain=True)
+    publish(broker.url, t.status("alpha", "publisher"), b"online", retain=True)
+    healer = HealerState(host="alpha", enabled=False, dry_run=False, breaker_open=True,
+                         breaker_reason="3 unresolved", budget_left=9, budget_per_hour=12,
+                         ts=now)
+    publish(broker.url, t.healer_state("alpha"), healer.to_json(), retain=True)
     table = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split()[:4] == ["HOST", "GPU", "NAME", "HEALTH"]
-    rows = [line.split() for line in lines[1:]]
+    rows = [line.split() for line in lines[1:4]]
     assert [(r[0], r[1]) for r in rows] == [("alpha", "0"), ("alpha", "1"), ("beta", "0")]
-    assert "critical" in lines[2] and "gpu_hang" in lines[2]
+    assert "critical" in lines[2] and "hang confirmed: flat" in lines[2]
+    # beta's analyzer is offline: its last State says nothing about now
+    assert rows[2][6] == "stale", lines[3]
+    host_lines = {line.split(":")[0]: line for line in lines[5:]}
+    assert "publisher online" in host_lines["alpha"]
+    assert "healer paused, breaker OPEN (3 unresolved), budget 9/12" in host_lines["alpha"]
     as_json = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix, "--json")
     assert [json.loads(line)["health"] for line in as_json.stdout.splitlines()] == [
-        "healthy", "critical", "warning"]
+        "healthy", "critical", "healthy"]
+    only = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix,
+               "--host-name", "beta")
+    assert [line.split()[0] for line in only.stdout.splitlines()[1:2]] == ["beta"]
+    forget = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix,
+                 "--forget", "alpha")
+    assert forget.returncode == 0, forget.stderr
+    assert f"cleared {t.state('alpha', 1)}" in forget.stdout
+    assert f"cleared {t.healer_state('alpha')}" in forget.stdout
+    after = run(gpuheal_cmd, "status", "--broker", broker.url, "--prefix", prefix, "--json")
+    assert [json.loads(line)["host"] for line in after.stdout.splitlines()] == ["beta"]
+
+
+def test_status_watch_redraws_until_stopped(broker, prefix: str, gpuheal_cmd) -> None:
+    t = Topics(prefix)
+    state = State(host="w", index=0, health="healthy", timestamp=iso_utc(1.7e9), ts=1.7e9)
+    publish(broker.url, t.state("w", 0), state.to_json(), retain=True)
+    proc = subprocess.Popen([*gpuheal_cmd, "status", "--broker", broker.url, "--prefix",
+                             prefix, "--watch", "0.2"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    seen = [proc.stdout.readline() for _ in range(12)]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 0
+    assert sum(line.startswith("gpuheal status") for line in seen) >= 2
 
 
 def test_status_says_clearly_when_there_is_nothing_or_no_broker(broker, prefix,
@@ -43,7 +84,7 @@ def test_status_says_clearly_when_there_is_nothing_or_no_broker(broker, prefix,
 
     down = run(gpuheal_cmd, "status", "--broker", f"mqtt://127.0.0.1:{free_port()}",
                "--timeout", "1")
-    assert down.returncode == 2 and "no broker answered" in down.stderr
+    assert down.returncode == 2 and "connection refused" in down.stderr
     assert "Traceback" not in down.stderr
 
 
@@ -72,7 +113,7 @@ def test_broker_init_writes_a_config_and_refuses_to_overwrite(tmp_path: Path,
     assert "GPUHEAL_BROKER=mqtt://publisher:" in (target / "publisher.env").read_text()
     again = run(gpuheal_cmd, "broker", "init", str(target), "--port", "18999")
     assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert "gpuheal:" in again.stderr
+    assert "gpuheal broker: " in again.stderr
 
 
 def test_broker_init_adds_a_tls_listener_from_the_command_line(tmp_path: Path,

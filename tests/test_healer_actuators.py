@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,9 @@ import pytest
 
 from gpuheal.config import ActuatorsConfig
 from gpuheal.models import SimCommand
+from gpuheal.procs import run_command
 from healer.actuators import InvalidIndexError, Result, validate_index
-from healer.actuators.commands import CommandActuator, run_command
+from healer.actuators.commands import CommandActuator
 from healer.actuators.dispatch import Dispatcher, real_actuators
 from healer.actuators.ollama import OllamaActuator
 from healer.actuators.power import (
@@ -28,6 +28,7 @@ from healer.actuators.power import (
     smi_set_limit_argv,
     smi_target_w,
 )
+from healer.actuators.probe import NoProbe, WorkloadProbe
 from healer.actuators.reset import (
     ResetActuator,
     parse_compute_pids,
@@ -38,7 +39,7 @@ from healer.actuators.sim import SimActuator, sim_command
 from healer.policy import ActuatorRequest
 from healer.runner import ActionRunner
 from tests.conftest import FIXTURES
-from tests.support import wait_for
+from tests.support import FakeOllama, wait_for
 
 RECORD_ARGV = str(FIXTURES / "bin" / "record-argv")
 FAKE_SMI = str(FIXTURES / "healer" / "nvidia-smi")
@@ -58,66 +59,6 @@ def recorded(path: Path) -> list[list[str]]:
 
 
 # --- Ollama ----------------------------------------------------------------------------
-class FakeOllama:
-    """A tiny HTTP server speaking Ollama's /api/ps and /api/generate; records requests."""
-
-    def __init__(self, models: list[str], fail_generate: bool = False) -> None:
-        self.models = list(models)
-        self.requests: list[tuple[str, str, Any]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                fake.requests.append(("GET", self.path, None))
-                if self.path != "/api/ps":
-                    self._reply(404, {"error": "not found"})
-                    return
-                self._reply(200, {"models": [
-                    {"name": m, "model": m, "size": 5137025024, "digest": "a" * 64,
-                     "expires_at": "2025-11-11T12:05:00Z", "size_vram": 5137025024}
-                    for m in fake.models]})
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append(("POST", self.path, body))
-                if self.path != "/api/generate":
-                    self._reply(404, {"error": "not found"})
-                    return
-                if fake.fail_generate:
-                    self._reply(500, {"error": "model runner crashed"})
-                    return
-                if body.get("keep_alive") == 0 and body.get("model") in fake.models:
-                    fake.models.remove(body["model"])
-                self._reply(200, {"model": body.get("model"), "created_at":
-                                  "2025-11-11T12:00:00Z", "response": "", "done": True,
-                                  "done_reason": "unload"})
-
-        self.fail_generate = fail_generate
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-
-    def __enter__(self) -> FakeOllama:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_ollama_unloads_every_loaded_model() -> None:
     with FakeOllama(["llama3.1:8b", "qwen2.5:14b"]) as fake:
         result = OllamaActuator(fake.url + "/", timeout_s=5).run("clear_llm_cache", 0, {})
@@ -364,37 +305,93 @@ def test_power_on_jetson(argv_log: Path, tmp_path: Path) -> None:
 
 
 # --- GPU reset ---------------------------------------------------------------------------
-def test_reset_refused_while_processes_remain(argv_log: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reset_refused_while_processes_remain_brings_the_service_back(
+        argv_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 3: a refused reset must not leave the host-wide LLM service stopped."""
     monkeypatch.setenv("FAKE_SMI_PIDS", "4242,777")
     config = ActuatorsConfig(nvidia_smi=FAKE_SMI,
-                             stop_gpu_users=[[RECORD_ARGV, "stop", "ollama"]])
+                             stop_gpu_users=[[RECORD_ARGV, "stop", "ollama"]],
+                             start_gpu_users=[[RECORD_ARGV, "start", "ollama"]])
     result = ResetActuator(config).run("reset_gpu", 0, {})
     assert not result.ok and result.reason == "processes_remain"
     assert result.detail["pids"] == [4242, 777] and "refusing" in result.detail["message"]
     calls = recorded(argv_log)
-    assert calls[0] == ["stop", "ollama"]
+    assert calls[0] == ["stop", "ollama"] and calls[-1] == ["start", "ollama"]
     assert not any("--gpu-reset" in c for c in calls)
 
 
-def test_reset_after_users_stopped(argv_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reset_after_users_stopped_then_started_again(argv_log: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_SMI_PIDS", "")
     config = ActuatorsConfig(nvidia_smi=FAKE_SMI,
                              stop_gpu_users=[[RECORD_ARGV, "stop", "ollama"],
-                                             [RECORD_ARGV, "stop", "llm-worker"]])
+                                             [RECORD_ARGV, "stop", "llm-worker"]],
+                             start_gpu_users=[[RECORD_ARGV, "start", "llm-worker"],
+                                              [RECORD_ARGV, "start", "ollama"]])
     result = ResetActuator(config).run("reset_gpu", 0, {})
     assert result.ok, result
     assert "successfully reset" in result.detail["stdout"]
     assert recorded(argv_log) == [
         ["stop", "ollama"], ["stop", "llm-worker"],
         ["--query-compute-apps=pid", "--format=csv,noheader", "-i", "0"],
-        ["--gpu-reset", "-i", "0"]]
+        ["--gpu-reset", "-i", "0"], ["start", "llm-worker"], ["start", "ollama"]]
+    assert len(result.detail["start_gpu_users"]) == 2
+
+
+def test_a_service_that_does_not_come_back_is_said(argv_log: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SMI_PIDS", "")
+    config = ActuatorsConfig(nvidia_smi=FAKE_SMI, stop_gpu_users=[],
+                             start_gpu_users=[["/nonexistent/systemctl", "start", "ollama"]])
+    result = ResetActuator(config).run("reset_gpu", 0, {})
+    assert result.ok  # the reset itself worked
+    assert "command not found" in result.detail["services_not_started"][0]
 
 
 def test_reset_refused_when_process_check_fails(argv_log: Path) -> None:
-    config = ActuatorsConfig(nvidia_smi=FAKE_SMI, stop_gpu_users=[])
+    config = ActuatorsConfig(nvidia_smi=FAKE_SMI, stop_gpu_users=[],
+                             start_gpu_users=[[RECORD_ARGV, "start", "ollama"]])
     result = ResetActuator(config).run("reset_gpu", 7, {})  # the stand-in knows only GPU 0
     assert not result.ok and result.reason == "process_check_failed"
+    assert recorded(argv_log)[-1] == ["start", "ollama"]
+
+
+# --- the workload probe ------------------------------------------------------------------
+def test_probe_a_workload_that_answers() -> None:
+    with FakeOllama(["llama3.1:8b"]) as fake:
+        result = WorkloadProbe(fake.url, deadline_s=5).run("probe_workload", 0, {})
+    assert result.ok and result.detail["verdict"] == "answers"
+    assert result.detail["model"] == "llama3.1:8b"
+    [(_, path, body)] = [r for r in fake.requests if r[0] == "POST"]
+    assert path == "/api/generate" and body["options"] == {"num_predict": 1}
+    assert body["stream"] is False
+
+
+def test_probe_a_workload_that_does_not_answer_in_time() -> None:
+    release = threading.Event()
+    try:
+        with FakeOllama(["llama3.1:8b"], stuck=release) as fake:
+            result = WorkloadProbe(fake.url, deadline_s=0.5).run("probe_workload", 0, {})
+    finally:
+        release.set()
+    assert result.ok and result.detail["verdict"] == "stuck"
+    assert result.detail["why"] == "timeout"
+
+
+@pytest.mark.parametrize("models", [[], None])
+def test_probe_with_nothing_to_ask_is_inconclusive(models: list[str] | None) -> None:
+    if models is None:  # no Ollama at all
+        from gpuheal.net import free_port
+
+        result = WorkloadProbe(f"http://127.0.0.1:{free_port()}", 1).run("probe_workload", 0,
+                                                                           {})
+        assert result.detail["why"] == "unreachable"
+    else:
+        with FakeOllama(models) as fake:
+            result = WorkloadProbe(fake.url, 1).run("probe_workload", 0, {})
+        assert result.detail["why"] == "no_model_loaded"
+    assert result.ok and result.detail["verdict"] == "inconclusive"
+    assert NoProbe().run("probe_workload", 0, {}).detail["verdict"] == "inconclusive"
 
 
 def test_reset_with_nvml_process_list() -> None:
@@ -461,7 +458,7 @@ def test_dispatcher_turns_a_crash_into_a_failure() -> None:
     assert Dispatcher({}).run("notify", 0, {}).reason == "unsupported"
     assert set(real_actuators(ActuatorsConfig(), jetson=False).routes) == {
         "clear_llm_cache", "reset_gpu_session", "restart_llm_service", "stop_llm_service",
-        "throttle_gpu", "restore_power_limit", "reset_gpu"}
+        "throttle_gpu", "restore_power_limit", "reset_gpu", "probe_workload"}
 
 
 def test_runner_watchdog_times_out_a_stuck_actuator() -> None:

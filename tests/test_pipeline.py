@@ -16,18 +16,9 @@ import pytest
 
 from gpuheal.broker import free_port, port_answers
 from gpuheal.broker_init import read_env_file
-from gpuheal.models import (
-    Action,
-    DeadLetter,
-    Event,
-    HealerState,
-    PayloadError,
-    Sample,
-    SimCommand,
-    State,
-    parse_payload,
-)
+from gpuheal.models import Action, DeadLetter, Event, HealerState, Sample, SimCommand, State
 from gpuheal.topics import Topics
+from gpuheal.wire import PayloadError, decode
 from tests.support import Collector, Received, wait_for
 
 MODELS = {"sample": Sample, "state": State, "event": Event, "action": Action,
@@ -47,7 +38,7 @@ def check_wire_contract(topics: Topics, messages: list[Received]) -> dict[str, i
         model = MODELS.get(parts.kind)
         assert model is not None, f"unexpected message kind {parts.kind} on {m.topic}"
         try:
-            msg = parse_payload(model, m.payload)
+            msg = decode(model, m.payload)
         except PayloadError as exc:
             pytest.fail(f"{m.topic}: {exc.reason}: {m.payload[:300]!r}")
         if parts.index is not None and hasattr(msg, "index"):

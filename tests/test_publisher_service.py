@@ -17,8 +17,8 @@ import pytest
 
 from gpuheal.broker import PrivateBroker, free_port
 from gpuheal.models import DeadLetter, Sample, SimCommand
-from gpuheal.mqtt import Bus
 from gpuheal.options import CommonOptions, PublisherOptions
+from gpuheal.runtime import Component
 from gpuheal.topics import Topics
 from publisher import service
 from publisher.service import PublisherService, run
@@ -169,14 +169,14 @@ class FlakySource:
 def test_failed_rounds_are_logged_and_sampling_goes_on(broker: PrivateBroker, prefix: str,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     topics = Topics(prefix)
-    bus = Bus(broker.url, "publisher", HOST, topics)
     source = FlakySource()
-    svc = PublisherService(bus, source, topics, HOST, 1.0, count=10)
+    opts = options(broker.url, prefix, count=10)
+    svc = PublisherService(opts, source)
+    component = Component(svc, opts.common)
     with Collector(broker.url, topics.gpu_pattern("sample")) as col:
-        assert bus.start(wait_s=5)
-        svc.start()
+        assert component.start(wait_s=5)
         assert svc.finished.wait(10)
-        bus.stop()
+        component.stop()
         col.wait(lambda ms: len(ms) == 4, 5, "4 samples")
     assert svc.rounds == 10 and svc.errors == 6 and svc.published == 4
     assert [s.seq for s in samples(col)] == [0, 1, 2, 3]

@@ -111,7 +111,7 @@ BAD = [
     ("wrong version", T.action("h1", 0),
      make_action(make_event()).to_json().replace(b'"v":1', b'"v":2'), "invalid Action"),
     ("topic host mismatch", T.sample("h2", 0), make_sample().to_json(), "topic names host"),
-    ("topic gpu mismatch", T.event("h1", 3), make_event().to_json(), "topic names host"),
+    ("topic gpu mismatch", T.event("h1", 3), make_event().to_json(), "topic names GPU 3"),
     ("int64 overflow", T.sample("h1", 0),
      make_sample().to_json().replace(b'"seq":1', b'"seq":99999999999999999999999'),
      "integer out of range"),

@@ -25,6 +25,7 @@ from gpuheal.config import GpuhealConfig, RecorderConfig
 from gpuheal.models import DeadLetter, Event
 from gpuheal.mqtt import BrokerURL
 from gpuheal.options import CommonOptions, RecorderOptions
+from gpuheal.runtime import Component
 from gpuheal.topics import Topics
 from recorder.export import run_export
 from recorder.history import run_history
@@ -108,19 +109,20 @@ def pub(broker: PrivateBroker) -> Iterator[Publisher]:
 @contextmanager
 def running(opts: RecorderOptions) -> Iterator[Recorder]:
     rec = Recorder(opts)
+    component = Component(rec, opts.common)
     status = opts.common.topics.status("rec", "recorder")
     with Collector(opts.common.broker, status) as seen:
-        rec.start()
+        component.start()
         try:
             # once the broker passed on the recorder's "online", it had its subscriptions
             seen.wait(lambda ms: any(m.text == "online" for m in ms), 15, "recorder online")
         except AssertionError:
-            rec.stop()
+            component.stop()
             raise
     try:
         yield rec
     finally:
-        rec.stop()
+        component.stop()
 
 
 # --- in-process recorder -----------------------------------------------------------------

@@ -36,9 +36,9 @@ from gpuheal.broker_init import (
     init_broker,
     read_env_file,
 )
-from gpuheal.models import MAX_PAYLOAD_BYTES
 from gpuheal.mqtt import BrokerURL, Bus
 from gpuheal.topics import Topics
+from gpuheal.wire import MAX_PAYLOAD_BYTES
 from tests.support import Collector, Received, Speaker, wait_for
 
 PREFIX = "sec"
@@ -548,7 +548,9 @@ def test_tls_listener_with_mqtts_urls(tmp_path: Path) -> None:
         try:
             anonymous.start()
             wait_for(lambda: anonymous.stats.connect_failures > 0, 10, "anonymous refused")
-            assert anonymous.last_connect_error == "Not authorized"
+            assert anonymous.last_connect_error == (f"broker localhost:{tls_port} rejected an "
+                                                    "anonymous login (Not authorized)")
+            assert anonymous.auth_failed
         finally:
             anonymous.stop()
     finally:

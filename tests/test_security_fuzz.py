@@ -52,25 +52,23 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from gpuheal.broker import MOSQUITTO_DIR, PrivateBroker, start_local_broker
+from gpuheal.broker import PrivateBroker, start_local_broker
 from gpuheal.config import ActuatorsConfig
 from gpuheal.models import (
-    MAX_PAYLOAD_BYTES,
     Action,
     DeadLetter,
     Event,
     HealerSet,
     HealerState,
     Message,
-    PayloadError,
     Sample,
     SimCommand,
     State,
     iso_utc,
-    parse_payload,
 )
 from gpuheal.options import AnalyzerOptions, CommonOptions, HealerOptions, RecorderOptions
 from gpuheal.topics import Topics
+from gpuheal.wire import MAX_PAYLOAD_BYTES, PayloadError, decode
 from healer.actuators import InvalidIndexError, validate_index
 from healer.actuators.commands import CommandActuator
 from healer.actuators.dispatch import real_actuators
@@ -109,7 +107,7 @@ REJECT, ACCEPT, IGNORE = "reject", "accept", "ignore"
 
 def _broker_packet_limit() -> int:
     """``max_packet_size`` of the local broker (mosquitto/local.conf.tmpl), bytes."""
-    text = (MOSQUITTO_DIR / "local.conf.tmpl").read_text()
+    text = read_template("local.conf.tmpl")
     found = re.search(r"^max_packet_size\s+(\d+)", text, re.MULTILINE)
     assert found, "local.conf.tmpl sets no max_packet_size"
     return int(found.group(1))
@@ -170,7 +168,7 @@ def matches(pattern: str, topic: str) -> bool:
 # --- the oracle: what each component must do with a message ----------------------------------
 def _parse(model: type[Message], payload: bytes) -> Any:
     try:
-        return parse_payload(model, payload)
+        return decode(model, payload)
     except PayloadError:
         return None
 
@@ -550,7 +548,7 @@ class System:
         for m in self.foreign(start):
             if m.topic != T.deadletter(component):
                 continue
-            letter = parse_payload(DeadLetter, m.payload)  # a malformed one fails the test
+            letter = decode(DeadLetter, m.payload)  # a malformed one fails the test
             assert letter.component == component, letter
             out.append(letter)
         return out
@@ -562,7 +560,7 @@ class System:
                 continue
             assert parts.kind != "sim", f"the healer sent a simulator command: {m.text[:300]}"
             if parts.kind == "action":
-                action = parse_payload(Action, m.payload)
+                action = decode(Action, m.payload)
                 assert action.status == "skipped" and action.index not in SIM_GPUS, action
 
     def expected(self, component: str) -> Counter[str]:
@@ -973,8 +971,8 @@ def test_contract_rejects_lone_surrogates() -> None:
     """Once let through, such a string made make_action_id, model_dump_json and SQLite raise
     later, in the healer's policy thread, the analyzer's handler and the recorder's writer."""
     with pytest.raises(PayloadError, match="surrogate"):
-        parse_payload(Event, SURROGATE_EVENT % b"h")
-    assert parse_payload(Event, (SURROGATE_EVENT % b"h").replace(b"\\ud800", b"\\u00e9")
+        decode(Event, SURROGATE_EVENT % b"h")
+    assert decode(Event, (SURROGATE_EVENT % b"h").replace(b"\\ud800", b"\\u00e9")
                          .replace(b"\\udfff", b"\\ud83d\\ude00")).message == "\U0001f600"
 
 
@@ -1014,7 +1012,7 @@ def test_healer_survives_an_event_with_a_lone_surrogate(system: System, tmp_path
                                      for m in ms) or not thread.is_alive(), 10,
                       "the healer handling the command after the event")
             assert thread.is_alive(), "the healer died"
-            letters = [parse_payload(DeadLetter, m.payload) for m in seen.snapshot()
+            letters = [decode(DeadLetter, m.payload) for m in seen.snapshot()
                        if m.topic == t.deadletter("healer")]
             assert [d.topic for d in letters] == [t.event(host, 7)]
             assert not [m for m in seen.snapshot() if m.topic == t.action(host, 7)]
@@ -1043,7 +1041,7 @@ def test_recorder_keeps_storing_after_a_poison_message(system: System, tmp_path:
         payload = _dumps({**event, "event_id": "deep", "host": host,
                           "evidence": {"x": deep(300, "dict")}})
         with pytest.raises(PayloadError, match="nested deeper"):  # beyond MAX_JSON_DEPTH
-            parse_payload(Event, payload)
+            decode(Event, payload)
     else:
         payload = SURROGATE_EVENT.replace(b'"index":7', b'"index":0') % host.encode()
     thread, stop = _thread_component(run, opts)
@@ -1107,7 +1105,7 @@ def test_analyzer_dead_letters_a_sample_with_a_lone_surrogate(system: System) ->
                                 [m for m in ms if m.topic == t.deadletter("analyzer")], 5,
                                 "the sentinel's dead letter")
             assert len(letters) == 2, "the surrogate sample was neither used nor dead-lettered"
-            assert "surrogate" in parse_payload(DeadLetter, letters[0].payload).reason
+            assert "surrogate" in decode(DeadLetter, letters[0].payload).reason
         finally:
             stop.set()
             thread.join(10)

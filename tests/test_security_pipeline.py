@@ -39,18 +39,9 @@ import pytest
 
 from gpuheal.broker import PrivateBroker, free_port, start_broker
 from gpuheal.broker_init import BrokerInit, init_broker, read_env_file
-from gpuheal.models import (
-    Action,
-    DeadLetter,
-    Event,
-    HealerState,
-    PayloadError,
-    Sample,
-    SimCommand,
-    State,
-    parse_payload,
-)
+from gpuheal.models import Action, DeadLetter, Event, HealerState, Sample, SimCommand, State
 from gpuheal.topics import Topics
+from gpuheal.wire import PayloadError, decode
 from tests.support import Collector, Received, Speaker, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -225,7 +216,7 @@ def check_wire(messages: list[Received]) -> None:
             continue
         model = WIRE_MODELS[parts.kind]
         try:
-            parse_payload(model, m.payload)
+            decode(model, m.payload)
         except PayloadError as exc:
             pytest.fail(f"{m.topic}: {exc.reason}: {m.payload[:200]!r}")
 

@@ -12,6 +12,7 @@ from gpuheal.config.detection import AnalyzerConfig, MemoryProfile
 from gpuheal.config.healing import ActuatorsConfig, GuardsConfig, HealerConfig, Rung
 from gpuheal.config.publishing import PublisherConfig
 from gpuheal.config.recording import RecorderConfig
+from gpuheal.validation import error_lines
 
 __all__ = [
     "ActuatorsConfig", "AnalyzerConfig", "ConfigError", "GpuhealConfig", "GuardsConfig",
@@ -44,7 +45,5 @@ def load_config(path: str | Path | None) -> GpuhealConfig:
     try:
         return GpuhealConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
-        ]
+        lines = [f"  {line}" for line in error_lines(exc)]
         raise ConfigError(f"config {p} is invalid:\n" + "\n".join(lines)) from None

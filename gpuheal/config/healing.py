@@ -15,6 +15,13 @@ from gpuheal.models import SEVERITY_RANK, ActionName, ConditionKind, Severity
 
 DESTRUCTIVE_ACTIONS: frozenset[str] = frozenset({"reset_gpu", "stop_llm_service"})
 """Actions that run only when opted in (``guards.destructive_opt_in`` or ``--allow``)."""
+HOST_WIDE_ACTIONS: frozenset[str] = frozenset(
+    {"reset_gpu_session", "restart_llm_service", "stop_llm_service"})
+"""Actions on the host's LLM service, which every GPU of the host serves: one cooldown and one
+running at a time per host, whichever GPU asked."""
+
+XID_ACTIONS: frozenset[str] = frozenset({"restart_llm_service", "reset_gpu", "notify"})
+"""What an XID's ``recommended_action`` may ask of the healer; anything else is ``notify``."""
 
 CONDITION_KINDS: frozenset[str] = frozenset(get_args(ConditionKind))
 
@@ -65,6 +72,18 @@ class GuardsConfig(ConfigModel):
     """Destructive actions (``reset_gpu``, ``stop_llm_service``) run only when listed here."""
     remember_events: Annotated[int, Field(ge=16, le=100_000)] = 2048
     """How many handled (event_id, phase, severity) keys are kept to ignore redeliveries."""
+    give_up_after_s: Seconds = 1800.0
+    """A condition a guard (pause, breaker, cooldown, budget, a busy GPU, a workload that
+    answers) has held back this long ends as needing a person, counted by the breaker."""
+    verify_wall_grace_s: Seconds = 30.0
+    """Wall seconds an action is verified beyond its window when no sample moves event time
+    (a wedged GPU, a dead publisher): then it ends ``unresolved`` (``no_samples``)."""
+    clock_step_min_s: Annotated[float, Field(gt=0)] = 60.0
+    """A forward jump of the source clock is a *step* (absorbed, not lived through) only when
+    it is longer than this (event seconds) and ten times what the wall clock allows."""
+    restore_tolerance_pct: Annotated[float, Field(ge=0, le=50)] = 2.0
+    """A restored power limit is verified when the State's limit is within this percent of
+    the limit given back."""
 
     @field_validator("destructive_opt_in")
     @classmethod
@@ -90,6 +109,10 @@ class ActuatorsConfig(ConfigModel):
     stop_gpu_users: list[list[str]] = Field(
         default_factory=lambda: [["systemctl", "stop", "ollama"]])
     """Commands run before a GPU reset to stop the GPU's users."""
+    start_gpu_users: list[list[str]] = Field(
+        default_factory=lambda: [["systemctl", "start", "ollama"]])
+    """Commands run after a GPU reset, whatever its outcome (refused, failed or done), to bring
+    back what ``stop_gpu_users`` stopped: the other GPUs serve it too."""
     nvidia_smi: str = "nvidia-smi"
     jetson_clocks: str = "jetson_clocks"
     jetson_clocks_store: str = "~/.local/state/gpuheal/jetson_clocks.conf"
@@ -102,7 +125,7 @@ class ActuatorsConfig(ConfigModel):
     def _argv(cls, value: list[str]) -> list[str]:
         return _check_argv(value)
 
-    @field_validator("stop_gpu_users")
+    @field_validator("stop_gpu_users", "start_gpu_users")
     @classmethod
     def _argvs(cls, value: list[list[str]]) -> list[list[str]]:
         return [_check_argv(argv) for argv in value]
@@ -115,12 +138,27 @@ def _check_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+class ProbeConfig(ConfigModel):
+    """The workload probe: before a ``reset_gpu`` of a hang, a tiny request to the LLM the GPU
+    serves. An answer vetoes the reset (the GPU works); no answer within ``deadline_s``
+    confirms the hang. No endpoint, or no model loaded, says nothing either way."""
+
+    enabled: bool = True
+    url: str | None = None
+    """Ollama's URL; None: ``[healer.actuators] ollama_url``."""
+    model: str | None = None
+    """The model to ask; None: the first one Ollama has loaded (``/api/ps``)."""
+    deadline_s: Annotated[float, Field(gt=0)] = 30.0
+    """Wall seconds the workload has to answer."""
+
+
 class HealerConfig(ConfigModel):
     ladders: dict[str, list[Rung]] = Field(default_factory=_ladders)
     """Per condition kind, rungs in climbing order. ``xid_error`` has no ladder: the event's
     ``recommended_action`` decides."""
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     actuators: ActuatorsConfig = Field(default_factory=ActuatorsConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
     @field_validator("ladders")
     @classmethod

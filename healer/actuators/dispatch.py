@@ -6,11 +6,12 @@ import logging
 from types import ModuleType
 from typing import Any
 
-from gpuheal.config.healing import ActuatorsConfig
+from gpuheal.config.healing import ActuatorsConfig, ProbeConfig
 from healer.actuators import Actuator, Result
 from healer.actuators.commands import CommandActuator
 from healer.actuators.ollama import OllamaActuator
 from healer.actuators.power import PowerActuator
+from healer.actuators.probe import NoProbe, WorkloadProbe
 from healer.actuators.reset import ResetActuator
 from healer.actuators.sim import Publish, SimActuator
 
@@ -36,11 +37,15 @@ class Dispatcher:
 
 
 def real_actuators(config: ActuatorsConfig, nvml: ModuleType | None = None,
-                   jetson: bool | None = None) -> Dispatcher:
-    """Ollama, configured commands, power limit (NVML / nvidia-smi / jetson_clocks), reset."""
+                   jetson: bool | None = None, probe: ProbeConfig | None = None) -> Dispatcher:
+    """Ollama, configured commands, power limit (NVML / nvidia-smi / jetson_clocks), reset,
+    and the workload probe before a reset."""
     commands = CommandActuator(config)
     power = PowerActuator(config, nvml=nvml, jetson=jetson)
+    probe = probe or ProbeConfig()
     return Dispatcher({
+        "probe_workload": WorkloadProbe(probe.url or config.ollama_url, probe.deadline_s,
+                                        probe.model),
         "clear_llm_cache": OllamaActuator(config.ollama_url, config.http_timeout_s),
         "reset_gpu_session": commands,
         "restart_llm_service": commands,
@@ -54,12 +59,15 @@ def real_actuators(config: ActuatorsConfig, nvml: ModuleType | None = None,
 def sim_actuators(publish: Publish, config: ActuatorsConfig) -> Dispatcher:
     """Every action as a command to the simulated GPU."""
     sim = SimActuator(publish, config.throttle_pct)
-    return Dispatcher({action: sim for action in (
+    routes: dict[str, Actuator] = {action: sim for action in (
         "clear_llm_cache", "reset_gpu_session", "restart_llm_service", "stop_llm_service",
-        "throttle_gpu", "restore_power_limit", "reset_gpu")})
+        "throttle_gpu", "restore_power_limit", "reset_gpu")}
+    routes["probe_workload"] = NoProbe()
+    return Dispatcher(routes)
 
 
 def watchdog_s(config: ActuatorsConfig) -> float:
     """Wall seconds after which an action that has not answered counts as timed out."""
-    return max(config.command_timeout_s * (len(config.stop_gpu_users) + 3),
+    return max(config.command_timeout_s * (len(config.stop_gpu_users)
+                                           + len(config.start_gpu_users) + 3),
                config.http_timeout_s * 10) + 5.0

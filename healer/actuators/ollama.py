@@ -50,7 +50,7 @@ class OllamaActuator:
 
     def loaded_models(self) -> list[str]:
         """Names of the loaded models (``GET /api/ps``)."""
-        data = self._call("GET", "/api/ps", None)
+        data = self.call("GET", "/api/ps", None)
         models = data.get("models")
         if not isinstance(models, list):
             raise OllamaError("bad_response", "/api/ps answered without a 'models' list")
@@ -63,9 +63,10 @@ class OllamaActuator:
 
     def unload(self, model: str) -> None:
         """Ask Ollama to unload ``model`` now (``keep_alive: 0``)."""
-        self._call("POST", "/api/generate", {"model": model, "keep_alive": 0})
+        self.call("POST", "/api/generate", {"model": model, "keep_alive": 0})
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    def call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """One request; the answer's JSON object, or OllamaError with a short reason."""
         url = self.base_url + path
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, data=data, method=method,

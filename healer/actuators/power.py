@@ -17,8 +17,9 @@ from types import ModuleType
 from typing import Any
 
 from gpuheal.config.healing import ActuatorsConfig
+from gpuheal.procs import run_command
 from healer.actuators import InvalidIndexError, Result, validate_index
-from healer.actuators.commands import outcome_result, run_command
+from healer.actuators.commands import outcome_result
 
 JETSON_MARKER = Path("/etc/nv_tegra_release")
 
@@ -143,6 +144,11 @@ class PowerActuator:
         except InvalidIndexError as exc:
             return Result(False, {"message": str(exc)}, 0.0, "invalid_index")
         restore = action == "restore_power_limit"
+        given = params.get("restore_limit_w") if restore else None
+        if isinstance(given, int | float) and given > 0:
+            # the healer persisted the limit from before its throttle: that one, after a
+            # restart too (this actuator's memory is only a fallback)
+            self._before_throttle[index] = float(given)
         if self.jetson:
             result = self._jetson(restore)
         elif self.nvml is not None:

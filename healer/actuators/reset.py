@@ -1,5 +1,7 @@
 """``reset_gpu``: stop the GPU's users, make sure nothing still computes on it, then
-``nvidia-smi --gpu-reset -i I``. Refused (``processes_remain``) while a process remains."""
+``nvidia-smi --gpu-reset -i I``. Refused (``processes_remain``) while a process remains.
+Whatever the outcome, the ``start_gpu_users`` commands then bring back what was stopped (the
+host's LLM service serves the other GPUs too)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from types import ModuleType
 from typing import Any
 
 from gpuheal.config.healing import ActuatorsConfig
+from gpuheal.procs import run_command
 from healer.actuators import InvalidIndexError, Result, validate_index
-from healer.actuators.commands import outcome_result, run_command
+from healer.actuators.commands import outcome_result
 
 
 def smi_compute_apps_argv(smi: str, index: int) -> list[str]:
@@ -58,23 +61,36 @@ class ResetActuator:
         for argv in self.config.stop_gpu_users:
             steps.append(run_command(argv, self.config.command_timeout_s).as_detail())
         try:
+            result = self._reset(index, steps)
+        finally:
+            # the services serve the other GPUs too: back they come, whatever happened here
+            started = [run_command(argv, self.config.command_timeout_s)
+                       for argv in self.config.start_gpu_users]
+        detail = {**result.detail, "start_gpu_users": [o.as_detail() for o in started]}
+        failed_start = [o for o in started if not o.ok]
+        if failed_start:
+            detail["services_not_started"] = [o.summary() for o in failed_start]
+        return Result(result.ok, detail, time.monotonic() - t0, result.reason)
+
+    def _reset(self, index: int, steps: list[dict[str, Any]]) -> Result:
+        """Refuse while a process remains, else reset (services already stopped)."""
+        try:
             pids = self.compute_pids(index)
         except (RuntimeError, ValueError) as exc:
             return Result(False, {"stop_gpu_users": steps,
                                   "message": f"cannot tell whether GPU {index} is idle: {exc}; "
-                                             "not resetting"},
-                          time.monotonic() - t0, "process_check_failed")
+                                             "not resetting"}, 0.0, "process_check_failed")
         if pids:
             return Result(False, {"stop_gpu_users": steps, "pids": pids,
                                   "message": f"refusing to reset GPU {index}: "
                                              f"{len(pids)} compute process(es) remain "
                                              f"(pids {', '.join(map(str, pids))})"},
-                          time.monotonic() - t0, "processes_remain")
+                          0.0, "processes_remain")
         outcome = run_command(smi_reset_argv(self.config.nvidia_smi, index),
                               self.config.command_timeout_s)
         result = outcome_result(outcome)
-        return Result(result.ok, {"stop_gpu_users": steps, **result.detail},
-                      time.monotonic() - t0, result.reason)
+        return Result(result.ok, {"stop_gpu_users": steps, **result.detail}, 0.0,
+                      result.reason)
 
     def compute_pids(self, index: int) -> list[int]:
         """PIDs still computing on the GPU (NVML when given, else nvidia-smi)."""

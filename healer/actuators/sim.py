@@ -38,6 +38,8 @@ def sim_command(action: str, action_id: str, params: dict[str, Any],
     limit_w: float | None = None
     if command == "set_power_limit":
         default_w = params.get("default_power_limit_w") or params.get("power_limit_w")
+        if action == "restore_power_limit":
+            default_w = params.get("restore_limit_w") or default_w
         if not isinstance(default_w, int | float) or default_w <= 0:
             raise ValueError("no power limit known for this GPU yet")
         limit_w = float(default_w) if action == "restore_power_limit" else round(

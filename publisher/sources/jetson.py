@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from gpuheal.procs import kill_group
 from publisher.sources.base import SourceError, SourceUnavailable
-from publisher.sources.smi import kill_group, resolve_executable
+from publisher.sources.smi import resolve_executable
 
 log = logging.getLogger(__name__)
 

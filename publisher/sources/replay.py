@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from gpuheal.models import Sample
-from gpuheal.topics import HOST_RE
+from gpuheal.topics import valid_host
 
 
 class ReplaySource:
@@ -21,7 +21,7 @@ class ReplaySource:
                  host: str | None = None) -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
-        if host is not None and not HOST_RE.match(host):
+        if host is not None and not valid_host(host):
             raise ValueError(f"invalid host name {host!r}: must match [A-Za-z0-9_-]+")
         self.speed = speed
         self.host = host

@@ -13,18 +13,15 @@ unavailable for that round.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import os
 import re
-import shutil
-import signal
-import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gpuheal.procs import CommandOutcome, find_executable, run_command
 from publisher.sources.base import (
     SourceError,
     SourceUnavailable,
@@ -194,7 +191,7 @@ def invalid_field(output: str) -> str | None:
 def resolve_executable(path: str, option: str = "--nvidia-smi") -> str:
     """An executable from PATH, or an explicit path; raise SourceUnavailable when missing
     (the message names the ``option`` that chooses another one)."""
-    found = shutil.which(path)
+    found = find_executable(path)
     if found:
         return found
     if os.sep in path and Path(path).is_file():
@@ -202,27 +199,15 @@ def resolve_executable(path: str, option: str = "--nvidia-smi") -> str:
     raise SourceUnavailable(f"{path!r} not found (use {option} PATH)")
 
 
-def run_with_timeout(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` (no shell); on timeout kill its whole process group and raise."""
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        proc.communicate()
+def run_with_timeout(argv: list[str], timeout_s: float) -> CommandOutcome:
+    """Run ``argv`` (no shell); on timeout (its whole process group killed) raise SourceError."""
+    outcome = run_command(argv, timeout_s)
+    if outcome.error == "timeout":
         raise SourceError(
-            f"{Path(argv[0]).name} did not answer within {timeout_s:g} s and was killed"
-        ) from None
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-
-
-def kill_group(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
-    """Signal the process group a child leads (it was started with ``start_new_session``)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+            f"{Path(argv[0]).name} did not answer within {timeout_s:g} s and was killed")
+    if outcome.error is not None:
+        raise SourceError(outcome.summary())
+    return outcome
 
 
 class SmiSource:
