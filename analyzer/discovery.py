@@ -9,20 +9,20 @@ while the analyzer's status topic says ``online``.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from gpuheal.topics import Topics
+from gpuheal.topics import HA_GPU_ENTITIES, HA_HOST_ENTITIES, Topics
 
 Config = tuple[str, bytes]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-HEALTH_OPTIONS = ["healthy", "warning", "critical", "unavailable"]
-
-
-def object_id(*parts: str | int) -> str:
-    """A discovery object id / unique id: the parts joined by ``_``, reduced to [A-Za-z0-9_-]."""
-    return _UNSAFE.sub("_", "_".join(str(p) for p in parts))
+HEALTH_OPTIONS = ["healthy", "warning", "critical", "lost"]
+"""The health sensor's states. The wire says ``unavailable`` for a lost GPU; Home Assistant
+reserves that word for an entity it cannot read (a stopped analyzer), so it reads ``lost``."""
+HEALTH_TEMPLATE = ("{{ 'lost' if value_json.health == 'unavailable' "
+                   "else value_json.health }}")
+EXPIRE_AFTER_S = 300
+"""A GPU entity whose State has not come for this long reads unavailable in Home Assistant
+(the GPU disappeared: its analyzer publishes a State at least every sample it gets)."""
 
 
 def _availability(topic: str) -> dict[str, str]:
@@ -30,11 +30,11 @@ def _availability(topic: str) -> dict[str, str]:
 
 
 def healer_device_id(topics: Topics, host: str) -> str:
-    return object_id("gpuheal", topics.prefix, host, "healer")
+    return topics.ha_object_id(host, "healer")
 
 
 def gpu_device_id(topics: Topics, host: str, index: int) -> str:
-    return object_id("gpuheal", topics.prefix, host, "gpu", index)
+    return topics.ha_object_id(host, "gpu", index)
 
 
 def _config(topics: Topics, platform: str, oid: str, payload: dict[str, Any]) -> Config:
@@ -49,8 +49,9 @@ def gpu_discovery(
     uuid: str | None,
     analyzer_status_topic: str,
 ) -> list[Config]:
-    """Sensors (temperature, utilization, memory, power, health) and a problem binary sensor
-    for one GPU, all reading its retained State."""
+    """Sensors (temperature, utilization, memory, power, health, the last action) and a
+    problem binary sensor for one GPU: the readings from its retained State, the last action
+    from its Actions."""
     state = topics.state(host, index)
     device: dict[str, Any] = {
         "identifiers": [gpu_device_id(topics, host, index)],
@@ -66,76 +67,91 @@ def gpu_discovery(
         "availability": [_availability(analyzer_status_topic)],
         "device": device,
         "origin": {"name": "gpuheal"},
+        "expire_after": EXPIRE_AFTER_S,
     }
-    sensors: list[tuple[str, dict[str, Any]]] = [
-        ("temperature", {"name": "Temperature", "value_template": "{{ value_json.temperature }}",
-                         "unit_of_measurement": "°C", "device_class": "temperature",
-                         "state_class": "measurement"}),
-        ("utilization", {"name": "Utilization", "value_template": "{{ value_json.utilization }}",
-                         "unit_of_measurement": "%", "state_class": "measurement",
-                         "icon": "mdi:gauge"}),
-        ("memory_used", {"name": "Memory used",
-                         "value_template": "{{ value_json.memory.used_mb }}",
-                         "unit_of_measurement": "MiB", "device_class": "data_size",
-                         "state_class": "measurement"}),
-        ("memory_percent", {"name": "Memory used percent",
-                            "value_template": "{{ value_json.memory.percent }}",
-                            "unit_of_measurement": "%", "state_class": "measurement",
-                            "icon": "mdi:memory"}),
-        ("power", {"name": "Power", "value_template": "{{ value_json.power.draw_w }}",
-                   "unit_of_measurement": "W", "device_class": "power",
-                   "state_class": "measurement"}),
-        ("health", {"name": "Health", "value_template": "{{ value_json.health }}",
-                    "device_class": "enum", "options": HEALTH_OPTIONS,
-                    "json_attributes_topic": state,
-                    "json_attributes_template": (
-                        "{{ {'error': value_json.error, 'error_message': "
-                        "value_json.error_message} | tojson }}")}),
-    ]
+    sensors: dict[str, dict[str, Any]] = {
+        "temperature": {"name": "Temperature", "value_template": "{{ value_json.temperature }}",
+                        "unit_of_measurement": "°C", "device_class": "temperature",
+                        "state_class": "measurement"},
+        "utilization": {"name": "Utilization", "value_template": "{{ value_json.utilization }}",
+                        "unit_of_measurement": "%", "state_class": "measurement",
+                        "icon": "mdi:gauge"},
+        "memory_used": {"name": "Memory used",
+                        "value_template": "{{ value_json.memory.used_mb }}",
+                        "unit_of_measurement": "MiB", "device_class": "data_size",
+                        "state_class": "measurement"},
+        "memory_percent": {"name": "Memory used percent",
+                           "value_template": "{{ value_json.memory.percent }}",
+                           "unit_of_measurement": "%", "state_class": "measurement",
+                           "icon": "mdi:memory"},
+        "power": {"name": "Power", "value_template": "{{ value_json.power.draw_w }}",
+                  "unit_of_measurement": "W", "device_class": "power",
+                  "state_class": "measurement"},
+        "health": {"name": "Health", "value_template": HEALTH_TEMPLATE,
+                   "device_class": "enum", "options": HEALTH_OPTIONS,
+                   "json_attributes_topic": state,
+                   "json_attributes_template": (
+                       "{{ {'error': value_json.error, 'error_message': "
+                       "value_json.error_message} | tojson }}")},
+        "last_action": {"name": "Last action", "icon": "mdi:medical-bag",
+                        "state_topic": topics.action(host, index),
+                        "value_template": "{{ value_json.action }}: {{ value_json.status }}",
+                        "json_attributes_topic": topics.action(host, index),
+                        "json_attributes_template": (
+                            "{{ {'action': value_json.action, 'status': value_json.status, "
+                            "'reason': value_json.reason, 'event_id': value_json.event_id, "
+                            "'attempt': value_json.attempt} | tojson }}")},
+    }
     out = []
-    for key, extra in sensors:
-        oid = object_id("gpuheal", topics.prefix, host, "gpu", index, key)
-        out.append(_config(topics, "sensor", oid, {**extra, "unique_id": oid, **common}))
-    oid = object_id("gpuheal", topics.prefix, host, "gpu", index, "problem")
-    out.append(_config(topics, "binary_sensor", oid, {
-        "name": "Problem",
-        "unique_id": oid,
-        "device_class": "problem",
-        "value_template": "{{ 'ON' if value_json.health != 'healthy' else 'OFF' }}",
-        "payload_on": "ON",
-        "payload_off": "OFF",
-        **common,
-    }))
+    for platform, key in HA_GPU_ENTITIES:
+        oid = topics.ha_object_id(host, "gpu", index, key)
+        if platform == "binary_sensor":
+            out.append(_config(topics, platform, oid, {
+                "name": "Problem", "unique_id": oid, "device_class": "problem",
+                "value_template": "{{ 'ON' if value_json.health != 'healthy' else 'OFF' }}",
+                "payload_on": "ON", "payload_off": "OFF", **common}))
+            continue
+        entity = {**common, **sensors[key], "unique_id": oid}
+        if key == "last_action":
+            entity.pop("expire_after")  # actions are rare: the last one stays true
+        out.append(_config(topics, platform, oid, entity))
     return out
 
 
 def healer_discovery(topics: Topics, host: str, analyzer_status_topic: str) -> list[Config]:
-    """The ``switch`` that turns healing on and off for one host (``P/H/healer/set``), its
-    state read from the retained ``P/H/healer/state``; available while both the analyzer and
-    that host's healer are online."""
-    oid = object_id("gpuheal", topics.prefix, host, "healing_enabled")
-    payload = {
-        "name": "Healing enabled",
-        "unique_id": oid,
-        "command_topic": topics.healer_set(host),
-        "payload_on": json.dumps({"enabled": True}),
-        "payload_off": json.dumps({"enabled": False}),
-        "state_topic": topics.healer_state(host),
-        "value_template": "{{ 'ON' if value_json.enabled else 'OFF' }}",
-        "state_on": "ON",
-        "state_off": "OFF",
-        "qos": 1,
-        "retain": False,
-        "icon": "mdi:medical-bag",
-        "availability": [_availability(analyzer_status_topic),
-                         _availability(topics.status(host, "healer"))],
-        "availability_mode": "all",
-        "device": {
-            "identifiers": [healer_device_id(topics, host)],
-            "name": f"gpuheal {host}",
-            "manufacturer": "gpuheal",
-            "model": "healer",
-        },
-        "origin": {"name": "gpuheal"},
+    """For one host's healer: the ``switch`` that turns healing on and off and the ``button``
+    that resets its circuit breaker (both on ``P/H/healer/set``); available while both the
+    analyzer and that host's healer are online."""
+    device = {
+        "identifiers": [healer_device_id(topics, host)],
+        "name": f"gpuheal {host}",
+        "manufacturer": "gpuheal",
+        "model": "healer",
     }
-    return [_config(topics, "switch", oid, payload)]
+    availability = {"availability": [_availability(analyzer_status_topic),
+                                     _availability(topics.status(host, "healer"))],
+                    "availability_mode": "all", "device": device, "origin": {"name": "gpuheal"},
+                    "qos": 1, "retain": False, "command_topic": topics.healer_set(host)}
+    entities = {
+        "healing_enabled": {
+            "name": "Healing enabled",
+            "payload_on": json.dumps({"enabled": True}),
+            "payload_off": json.dumps({"enabled": False}),
+            "state_topic": topics.healer_state(host),
+            "value_template": "{{ 'ON' if value_json.enabled else 'OFF' }}",
+            "state_on": "ON",
+            "state_off": "OFF",
+            "icon": "mdi:medical-bag",
+        },
+        "reset_breaker": {
+            "name": "Reset circuit breaker",
+            "payload_press": json.dumps({"reset_breaker": True}),
+            "icon": "mdi:electric-switch-closed",
+        },
+    }
+    out = []
+    for platform, key in HA_HOST_ENTITIES:
+        oid = topics.ha_object_id(host, key)
+        out.append(_config(topics, platform, oid,
+                           {**entities[key], "unique_id": oid, **availability}))
+    return out

@@ -6,12 +6,28 @@ small detectors and the conditions it holds open, so memory and time per GPU are
 Semantics:
 
 * event time everywhere (``sample.ts``), so a replay at any speed yields the same events;
-* a sample whose ``seq`` equals the previous one, or whose ``ts`` is not newer, is ignored and
-  counted (a publisher restart resets ``seq``: ``seq`` going backwards with a newer ``ts`` is a
-  restart, not a duplicate);
+* ordering: a sample with the previous ``seq`` is a duplicate, an older ``seq`` with an older
+  ``ts`` is out of order: both are ignored and counted;
+* a publisher restart: ``seq`` back to 0 with an older ``ts`` (a new simulation, a replay
+  started again) clears every open condition with ONE ``cleared`` event each
+  (``cleared_by="source_restarted"``) and starts the GPU's detectors clean; ``seq`` going
+  backwards with a newer ``ts`` is a restart that continues (conditions stay);
+* a source clock step: ``seq`` continues while ``ts`` goes back, or jumps forward more than
+  ``max(step_min_s, 10 observed intervals)`` although the sample arrived on time by the wall
+  clock. The sample is accepted and the GPU's stored event times are re-anchored (every
+  detector, the silence tracker and the conditions' durations shift by the step), so no window
+  elapses or restarts by the step; one warning is logged and ``stats.clock_steps`` counted.
+  ``started_ts`` (the identity of ``event_id``) never changes;
 * one ``raised`` per condition, ``escalated`` when its severity rises (never lowered), one
-  ``cleared``; ``event_id = make_event_id(host, index, kind, started_ts)`` with ``started_ts``
-  the ``ts`` of the sample that raised it;
+  ``cleared`` carrying the reading that cleared it and ``cleared_by``;
+  ``event_id = make_event_id(host, index, kind, started_ts)`` with ``started_ts`` the ``ts`` of
+  the sample that raised it;
+* :meth:`Analyzer.acknowledge`: a person takes a condition over; it is cleared
+  (``cleared_by="acknowledged"``) and not raised again while the same situation lasts (its
+  kind is muted until the detector says it no longer holds, unless it gets worse);
+* :meth:`Analyzer.note_reset`: a GPU reset was seen (reset/reboot-class XIDs may recover);
+* :meth:`Analyzer.source_stopped`: a host's publisher said goodbye: no silence verdicts for
+  its GPUs until they speak again;
 * every processed sample yields the GPU's State, unless coalescing
   (``state_min_interval_s``) holds it back and nothing in its health changed;
 * ``restore(state)`` continues the conditions of a retained State (same ``event_id``, never
@@ -20,6 +36,7 @@ Semantics:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -41,14 +58,18 @@ from analyzer.detectors import (
 from gpuheal.config.detection import AnalyzerConfig
 from gpuheal.models import (
     SEVERITY_RANK,
+    ClearedBy,
     ConditionKind,
     Event,
     Health,
+    Phase,
     Sample,
     Severity,
     State,
     make_event_id,
 )
+
+log = logging.getLogger(__name__)
 
 Output = State | Event
 
@@ -63,6 +84,11 @@ KIND_PRIORITY: dict[str, int] = {
 }
 """Which condition names the State's ``error`` when several have the same severity."""
 
+STEP_INTERVALS = 10.0
+"""A forward clock step jumps more than this many observed intervals (and ``step_min_s``)."""
+BLIND_CHECK_SAMPLES = 5
+"""Consecutive sample intervals too long for the hang window before the engine warns."""
+
 
 @dataclass(slots=True)
 class Condition:
@@ -72,7 +98,14 @@ class Condition:
     kind: ConditionKind
     severity: Severity
     started_ts: float
+    """Identity (``event_id``): the ``ts`` of the sample that raised it, never changed."""
     message: str
+    anchor_ts: float = math.nan
+    """When it started on the current (re-anchored) timeline: what durations count from."""
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.anchor_ts):
+            self.anchor_ts = self.started_ts
 
 
 @dataclass
@@ -83,21 +116,25 @@ class AnalyzerStats:
     duplicates: int = 0
     """Samples ignored because their ``seq`` (or ``ts``) repeated the previous one."""
     out_of_order: int = 0
-    """Samples ignored because their ``ts`` was older than the newest processed one."""
+    """Samples ignored because their ``seq`` and ``ts`` were older than the newest ones."""
     publisher_restarts: int = 0
-    """``seq`` went backwards with a newer ``ts``: the publisher restarted."""
+    """``seq`` went backwards: the publisher restarted."""
+    clock_steps: int = 0
+    """A source clock stepped (back, or forward faster than the wall clock): re-anchored."""
     states: int = 0
     states_coalesced: int = 0
     events: int = 0
     restored: int = 0
+    acknowledged: int = 0
 
 
 class GpuTrack:
     """Everything the analyzer keeps for one GPU (bounded)."""
 
-    __slots__ = ("active", "clock_reset", "config", "detectors", "host", "index",
-                 "last_sample", "last_seq", "last_ts", "name", "pub_signature", "pub_ts",
-                 "seen_sample", "silence", "uuid")
+    __slots__ = ("active", "blind_warned", "config", "detectors", "host", "index",
+                 "last_sample", "last_seq", "last_ts", "muted", "name", "pub_signature",
+                 "pub_ts", "seen_sample", "silence", "slow_samples", "source",
+                 "source_restarted", "uuid")
 
     def __init__(self, host: str, index: int, config: AnalyzerConfig) -> None:
         self.host = host
@@ -105,23 +142,32 @@ class GpuTrack:
         self.config = config
         self.name: str | None = None
         self.uuid: str | None = None
-        self.detectors = self.fresh_detectors()
-        self.clock_reset = False
-        """Set when the source clock went back: the detectors start again."""
+        self.source: str | None = None
+        """The ``source`` of the newest sample (written into the State)."""
+        self.detectors: tuple[Detector, ...] = ()
+        self.fresh_detectors()
+        self.source_restarted = False
+        """Set when the publisher restarted behind us: conditions end, detectors start again."""
         self.active: dict[str, Condition] = {}
+        self.muted: dict[str, Severity] = {}
+        """Kinds a person acknowledged, with that severity: not raised again until the
+        detector says the condition no longer holds (or it gets worse)."""
         self.last_ts: float | None = None
         self.last_seq: int | None = None
         self.last_sample: Sample | None = None
         """The newest sample: what a State is built from (one per GPU, bounded)."""
         self.seen_sample = False
+        self.slow_samples = 0
+        """Consecutive intervals too long to confirm a hang (warned once at 5)."""
+        self.blind_warned = False
         self.silence = SilenceTracker(config.unavailable)
         self.pub_ts: float | None = None
         self.pub_signature: tuple[Any, ...] | None = None
 
-
-    def fresh_detectors(self) -> tuple[Detector, ...]:
+    def fresh_detectors(self) -> None:
+        """A new set of detectors (nothing remembered)."""
         config = self.config
-        return (
+        self.detectors = (
             UnavailableDetector(),
             CriticalHealthDetector(),
             XidDetector(config.xid),
@@ -129,6 +175,22 @@ class GpuTrack:
             ThermalDetector(config.thermal),
             MemoryDetector(config, self.host),
         )
+
+    def detector(self, kind: str) -> Detector | None:
+        """This GPU's detector of ``kind``."""
+        return next((d for d in self.detectors if d.kind == kind), None)
+
+    def shift(self, delta_s: float) -> None:
+        """Move every stored event time of this GPU by ``delta_s`` (a re-anchored step)."""
+        for detector in self.detectors:
+            detector.shift(delta_s)
+        self.silence.shift(delta_s)
+        for cond in self.active.values():
+            cond.anchor_ts += delta_s
+        if self.pub_ts is not None:
+            self.pub_ts += delta_s
+        if self.last_ts is not None:
+            self.last_ts += delta_s
 
 
 class Analyzer:
@@ -139,11 +201,15 @@ class Analyzer:
         config: AnalyzerConfig,
         started_ts: float,
         clock: Callable[[], float] = time.time,
+        name: str | None = None,
     ) -> None:
         """``started_ts``: this analyzer's start (UNIX s), written into every State;
-        ``clock``: the wall clock used to time sample arrivals (silence detection)."""
+        ``clock``: the wall clock used to time sample arrivals (silence, clock steps);
+        ``name``: the host name this analyzer runs as (``State.analyzer``: whose status
+        says whether the States are still written)."""
         self.config = config
         self.started_ts = started_ts
+        self.name = name
         self._clock = clock
         self._gpus: dict[tuple[str, int], GpuTrack] = {}
         self.stats = AnalyzerStats()
@@ -189,37 +255,76 @@ class Analyzer:
         the ones it would throw away.
         """
         track = self._track(sample.host, sample.index, sample.name)
-        if not self._accept(track, sample):
+        wall = self._clock()
+        if not self._accept(track, sample, wall):
             return [], False
         out: list[Event] = []
-        if track.clock_reset:
-            track.clock_reset = False
-            track.detectors = track.fresh_detectors()
+        if track.source_restarted:
+            track.source_restarted = False
+            track.fresh_detectors()
+            track.silence.restart()
+            track.muted.clear()
             for kind, cond in list(track.active.items()):
                 del track.active[kind]
-                out.append(self._event(track, cond, "cleared", sample.ts,
-                                       f"cleared: the source clock restarted ({cond.message})",
-                                       {"source_clock_restarted": True}, None))
+                out.append(self._event(
+                    track, cond, "cleared", sample.ts,
+                    f"cleared: the source restarted, so the condition says nothing any more "
+                    f"(was: {cond.message})",
+                    {"source_restarted": True, "max_severity": cond.severity},
+                    None, "source_restarted"))
         self.stats.processed += 1
         track.seen_sample = True
         track.last_ts = sample.ts
         track.last_seq = sample.seq
         track.last_sample = sample
+        track.source = sample.source
         if sample.name is not None:
             track.name = sample.name
         if sample.uuid is not None:
             track.uuid = sample.uuid
-        track.silence.arrived(sample.ts, self._clock())
+        silence = track.silence
+        if not track.blind_warned and silence.last_ts is not None:
+            self._watch_interval(track, sample.ts - silence.last_ts)
+        gap = silence.gap(sample.ts)
+        if gap is not None and "unavailable" not in track.active \
+                and "unavailable" not in track.muted:
+            # The samples' own clock shows the GPU missed its deadline, though the wall clock
+            # did not notice (a fast replay): the same verdict as a live silence check.
+            self._apply(track, "unavailable", gap, silence.extrapolated_ts(), out, None, None)
+        silence.arrived(sample.ts, wall)
         active = track.active
+        muted = track.muted
         for detector in track.detectors:
             verdict = detector.update(sample)
-            if verdict is KEEP or (verdict is None and detector.kind not in active):
+            kind = detector.kind
+            if muted and kind in muted:
+                if verdict is None:
+                    del muted[kind]      # the situation the person took over has ended
+                    continue
+                if verdict is KEEP or SEVERITY_RANK[verdict.severity] <= SEVERITY_RANK[
+                        muted[kind]]:
+                    continue
+                del muted[kind]          # worse than what the person took over: raise anew
+            if verdict is KEEP or (verdict is None and kind not in active):
                 continue
-            self._apply(track, detector.kind, verdict, sample.ts, out, sample)  # type: ignore[arg-type]
+            self._apply(track, kind, verdict, sample.ts, out, sample, detector)  # type: ignore[arg-type]
         if out and sample.source == "replay":
             for event in out:  # the healer records these but never acts on them
                 event.evidence["source"] = "replay"
         return out, self._state_due(track, sample.ts, force=bool(out))
+
+    def _watch_interval(self, track: GpuTrack, interval_s: float) -> None:
+        """Warn once per GPU when its samples keep coming too far apart to confirm a hang."""
+        if interval_s <= track.config.hang.window_s / 3:  # the cheap test of blind_spots
+            track.slow_samples = 0
+            return
+        track.slow_samples += 1
+        if track.slow_samples < BLIND_CHECK_SAMPLES:
+            return
+        track.blind_warned = True
+        for message in track.config.hang.blind_spots(interval_s,
+                                                     f"{track.host}/gpu/{track.index}"):
+            log.warning("analyzer: %s", message)
 
     def current_state(self, host: str, index: int) -> State:
         """The State of a tracked GPU now, from its newest sample."""
@@ -227,45 +332,88 @@ class Analyzer:
         sample = track.last_sample
         ts = track.last_ts if track.last_ts is not None else 0.0
         health, worst = _health(track.active)
-        return build_state(track, sample, ts, health, worst, self.started_ts)
+        return build_state(track, sample, ts, health, worst, self.started_ts, self.name)
 
-    def _accept(self, track: GpuTrack, sample: Sample) -> bool:
+    def _accept(self, track: GpuTrack, sample: Sample, wall: float) -> bool:
+        """Whether to process ``sample``; sets up a restart or re-anchors a clock step."""
         last_ts = track.last_ts
         if last_ts is None:
             return True
-        if sample.ts <= last_ts and sample.seq == 0 and track.last_seq != 0:
+        last_seq = track.last_seq
+        ts, seq = sample.ts, sample.seq
+        if ts <= last_ts and seq == 0 and last_seq != 0:
             # A publisher's first sample (seq 0) with an older clock: the source restarted
-            # behind us (a simulation started anew, a clock stepped back). Ignoring it would
-            # blind the analyzer until the clock caught up; the next sample starts clean.
+            # behind us (a simulation started anew, a replay again). Ignoring it would blind
+            # the analyzer until the clock caught up; the conditions of the old run end.
             self.stats.publisher_restarts += 1
-            track.clock_reset = True
+            track.source_restarted = True
             return True
-        if sample.ts <= last_ts:
-            if sample.ts == last_ts or sample.seq == track.last_seq:
+        if seq == last_seq:
+            self.stats.duplicates += 1
+            return False
+        if last_seq is not None and seq > last_seq and ts < last_ts:
+            # The same run goes on (seq continues) but its clock went back: a step.
+            self._step(track, sample, last_ts + (seq - last_seq) * self._interval(track))
+            return True
+        if ts <= last_ts:
+            if ts == last_ts:
                 self.stats.duplicates += 1
             else:
                 self.stats.out_of_order += 1
             return False
-        last_seq = track.last_seq
-        if last_seq is not None:
-            if sample.seq == last_seq:
-                self.stats.duplicates += 1
-                return False
-            if sample.seq < last_seq:
-                self.stats.publisher_restarts += 1
+        if last_seq is None:
+            return True
+        if seq < last_seq:
+            self.stats.publisher_restarts += 1  # a new run whose clock is ahead: continues
+            track.silence.restart_rate()
+            return True
+        self._check_forward_step(track, sample, last_ts, last_seq, wall)
         return True
+
+    def _interval(self, track: GpuTrack) -> float:
+        return track.silence.ema_event_s or 0.0
+
+    def _check_forward_step(self, track: GpuTrack, sample: Sample, last_ts: float,
+                            last_seq: int, wall: float) -> None:
+        """Re-anchor a jump forward that the wall clock does not explain."""
+        silence = track.silence
+        interval = silence.ema_event_s
+        if interval is None or silence.last_wall is None:
+            return
+        seqs = sample.seq - last_seq
+        jump = sample.ts - last_ts
+        threshold = max(track.config.unavailable.step_min_s, STEP_INTERVALS * interval * seqs)
+        if jump <= threshold:
+            return
+        wall_gap = wall - silence.last_wall
+        if wall_gap > 0.0:
+            rate = silence.rate()
+            if rate is None:
+                return  # the wall clock may explain it: cannot tell
+            if jump - wall_gap * rate <= threshold:
+                return  # the time really passed (the publisher paused, samples were lost)
+        self._step(track, sample, last_ts + seqs * interval)
+
+    def _step(self, track: GpuTrack, sample: Sample, expected_ts: float) -> None:
+        delta = sample.ts - expected_ts
+        track.shift(delta)
+        self.stats.clock_steps += 1
+        log.warning("analyzer: the source clock of %s/gpu/%d stepped %+.1f s (seq %s -> %d); "
+                    "re-anchored, conditions and windows go on", track.host, track.index,
+                    delta, track.last_seq, sample.seq)
 
     def check_silence(self, now_wall: float) -> list[Output]:
         """Raise ``unavailable`` for every GPU silent too long at wall time ``now_wall``."""
         out: list[Output] = []
         for track in self._gpus.values():
-            if now_wall < track.silence.deadline_wall or "unavailable" in track.active:
+            if (now_wall < track.silence.deadline_wall or "unavailable" in track.active
+                    or "unavailable" in track.muted):
                 continue
             finding = track.silence.silent(now_wall)
             if finding is None:
                 continue
             ts = max(track.silence.extrapolated_ts(), track.last_ts or 0.0)
-            self._apply(track, "unavailable", finding, ts, out, None)
+            self._apply(track, "unavailable", finding, ts, out, None, None)
             state = self._state(track, None, ts, force=True)
             if state is not None:
                 out.append(state)
@@ -276,6 +424,55 @@ class Analyzer:
         (broker connection lost), so the missing samples say nothing about the GPUs."""
         for track in self._gpus.values():
             track.silence.hold(now_wall)
+
+    def source_stopped(self, host: str, now_wall: float) -> None:
+        """The publisher of ``host`` said goodbye (or a replay ended) at ``now_wall``: its
+        GPUs' silence is not judged until a new sample of each arrives."""
+        for (gpu_host, _index), track in self._gpus.items():
+            if gpu_host == host:
+                track.silence.stop()
+
+    def note_reset(self, host: str, index: int, ts: float) -> None:
+        """A GPU reset of this GPU succeeded at ``ts`` (the healer's ``reset_gpu`` Action):
+        reset- and reboot-class XID conditions may recover after their quiet time."""
+        track = self._gpus.get((host, index))
+        if track is None:
+            return
+        xid = track.detector("xid_error")
+        if isinstance(xid, XidDetector):
+            xid.note_reset(ts)
+        log.info("analyzer: GPU reset of %s/gpu/%d noted", host, index)
+
+    def acknowledge(self, host: str, index: int, event_id: str, ts: float) -> list[Output]:
+        """A person takes over the active condition ``event_id`` (at ``ts``): it is cleared
+        (``cleared_by="acknowledged"``); returns that Event and the GPU's new State. Nothing
+        for an id that is not active on this GPU."""
+        track = self._gpus.get((host, index))
+        if track is None:
+            return []
+        cond = next((c for c in track.active.values() if c.event_id == event_id), None)
+        if cond is None:
+            return []
+        del track.active[cond.kind]
+        detector = track.detector(cond.kind)
+        if detector is not None:
+            detector.acknowledged()
+        track.muted[cond.kind] = cond.severity
+        self.stats.acknowledged += 1
+        event_ts = max(track.last_ts if track.last_ts is not None else ts, cond.anchor_ts)
+        event = self._event(
+            track, cond, "cleared", event_ts,
+            f"cleared: acknowledged, a person took it over (was: {cond.message})",
+            {"acknowledged_ts": ts, "duration_s": round(event_ts - cond.anchor_ts, 3),
+             "max_severity": cond.severity},
+            None, "acknowledged")
+        if track.source == "replay":
+            event.evidence["source"] = "replay"
+        health, worst = _health(track.active)
+        self._state_due(track, event_ts, force=True)
+        state = build_state(track, track.last_sample, event_ts, health, worst, self.started_ts,
+                            self.name)
+        return [event, state]
 
     def restore(self, state: State) -> bool:
         """Continue the conditions of a retained State (before the GPU's first sample).
@@ -289,10 +486,10 @@ class Analyzer:
         track = self._track(state.host, state.index, state.name)
         track.name = state.name
         track.uuid = state.uuid
+        track.source = state.source
         track.last_ts = state.ts
-        by_kind = {d.kind: d for d in track.detectors}
         for cond in state.active:
-            detector = by_kind.get(cond.kind)
+            detector = track.detector(cond.kind)
             if detector is None:
                 continue
             track.active[cond.kind] = Condition(
@@ -315,14 +512,21 @@ class Analyzer:
         ts: float,
         out: list[Output],
         sample: Sample | None,
+        detector: Detector | None,
     ) -> None:
         cond = track.active.get(kind)
         if verdict is None:
             if cond is None:
                 return
             del track.active[kind]
-            out.append(self._event(track, cond, "cleared", ts, f"cleared: {cond.message}",
-                                   _clear_evidence(cond, ts, sample), None))
+            if detector is not None and sample is not None:
+                message, evidence = detector.cleared(sample)
+            else:
+                message, evidence = f"cleared: {cond.message}", {}
+            evidence["duration_s"] = round(ts - cond.anchor_ts, 3)
+            evidence["max_severity"] = cond.severity
+            out.append(self._event(track, cond, "cleared", ts, message, evidence, None,
+                                   "recovered"))
             return
         if cond is None:
             cond = Condition(
@@ -348,11 +552,12 @@ class Analyzer:
         self,
         track: GpuTrack,
         cond: Condition,
-        phase: str,
+        phase: Phase,
         ts: float,
         message: str,
         evidence: dict[str, Any],
-        action: str | None,
+        action: Any,
+        cleared_by: ClearedBy | None = None,
     ) -> Event:
         self.stats.events += 1
         return Event(
@@ -361,12 +566,13 @@ class Analyzer:
             index=track.index,
             kind=cond.kind,
             severity=cond.severity,
-            phase=phase,  # type: ignore[arg-type]
+            phase=phase,
             started_ts=cond.started_ts,
             ts=ts,
             message=message,
             evidence=evidence,
-            recommended_action=action,  # type: ignore[arg-type]
+            recommended_action=action,
+            cleared_by=cleared_by,
         )
 
     # --- state -------------------------------------------------------------------------
@@ -376,7 +582,7 @@ class Analyzer:
         if not self._state_due(track, ts, force):
             return None
         health, worst = _health(track.active)
-        return build_state(track, sample, ts, health, worst, self.started_ts)
+        return build_state(track, sample, ts, health, worst, self.started_ts, self.name)
 
     def _state_due(self, track: GpuTrack, ts: float, force: bool) -> bool:
         """Whether a State is published for this change (``state_min_interval_s``)."""
@@ -410,20 +616,6 @@ def _health(active: dict[str, Condition]) -> tuple[Health, Condition | None]:
     return ("warning" if worst.severity == "warning" else "critical"), worst
 
 
-def _clear_evidence(cond: Condition, ts: float, sample: Sample | None) -> dict[str, Any]:
-    evidence: dict[str, Any] = {"duration_s": round(ts - cond.started_ts, 3),
-                                "max_severity": cond.severity}
-    if sample is not None:
-        evidence.update(
-            temperature_c=sample.temperature_c,
-            utilization_pct=sample.utilization_pct,
-            memory_used_mb=sample.memory_used_mb,
-            power_draw_w=sample.power_draw_w,
-            available=sample.available,
-        )
-    return evidence
-
-
 def build_state(
     track: GpuTrack,
     sample: Sample | None,
@@ -431,6 +623,7 @@ def build_state(
     health: Health,
     worst: Condition | None,
     analyzer_started_ts: float,
+    analyzer: str | None = None,
 ) -> State:
     """The origin's ``GET /api/gpu`` object for this GPU; readings None without a sample.
 
@@ -454,6 +647,8 @@ def build_state(
         "ts": ts,
         "active": active,
         "analyzer_started_ts": analyzer_started_ts,
+        "source": track.source,
+        "analyzer": analyzer,
     }
     if sample is not None:
         used, total = sample.memory_used_mb, sample.memory_total_mb

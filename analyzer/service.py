@@ -54,7 +54,8 @@ class AnalyzerService:
         self.config = common.config.analyzer
         self.only_host = common.only_host
         self.topics: Topics = common.topics
-        self.engine = engine or Analyzer(self.config, started_ts=clock())
+        self.engine = engine or Analyzer(self.config, started_ts=clock(),
+                                         name=common.host_name)
         self.bus: Bus | None = None
         self.finished = threading.Event()
         self._clock = clock

@@ -86,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", metavar="HOST",
                    help="clear every retained topic of HOST (a machine gone for good)")
 
+    p = sub.add_parser("tail", help="a readable live stream of events and actions")
+    CommonOptions.add_arguments(p)
+    p.add_argument("--host", help="only this host")
+    p.add_argument("--gpu", type=int, help="only this GPU index")
+    p.add_argument("--kind", help="only this condition kind (e.g. gpu_hang)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+
     p = sub.add_parser("replay", help="republish recorded samples with their timing")
     CommonOptions.add_arguments(p)
     p.add_argument("--db", type=Path, required=True, help="SQLite file of the recorder")
     p.add_argument("--speed", type=positive_float, default=1.0)
     p.add_argument("--from-host", help="replay only this recorded host")
     p.add_argument("--gpu", type=int, help="replay only this GPU index")
+    p.add_argument("--force", action="store_true",
+                   help="replay into a host even while its publisher is online")
 
     p = sub.add_parser("history", help="recorded events and the actions taken for them")
     p.add_argument("--db", type=Path, default=Path("gpuheal.db"))
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=int, help="only this GPU index")
     p.add_argument("--since", default="24h", help="e.g. 30m, 1h, 2d (default 24h)")
     p.add_argument("--kind", help="only this condition kind")
+    p.add_argument("--events", action="store_true",
+                   help="every event and action (default: one line per incident)")
 
     p = sub.add_parser("export", help="a recorded table as CSV or JSON lines")
     p.add_argument("--db", type=Path, default=Path("gpuheal.db"))
@@ -201,13 +212,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
                         watch_s=args.watch, host=args.host_name, stop=stop)
 
 
+def _cmd_tail(args: argparse.Namespace) -> int:
+    import threading
+
+    from gpuheal.tail import Filters, tail
+
+    stop = threading.Event()
+    stop_on_signals(stop)
+    return tail(CommonOptions.from_args(args), Filters(args.host, args.gpu, args.kind),
+                as_json=args.json, stop=stop)
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from publisher.service import run
     from recorder.dbfile import RecordingError
     from recorder.progress import track
-    from recorder.replay import count_samples, read_samples
+    from recorder.replay import count_samples, read_samples, recorded_hosts
 
     try:
+        hosts = recorded_hosts(args.db, host=args.from_host)
         total = count_samples(args.db, host=args.from_host, gpu=args.gpu)
         samples = read_samples(args.db, host=args.from_host, gpu=args.gpu)
     except RecordingError as exc:
@@ -215,17 +238,44 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if total == 0:
         print(f"gpuheal replay: no recorded samples in {args.db}", file=sys.stderr)
         return 1
+    if args.host_name and len(hosts) > 1:
+        raise UsageError(f"the recording has {len(hosts)} hosts ({', '.join(hosts)}): --host-name "
+                         "needs --from-host to say which one")
+    targets = {h: args.host_name or f"{h}-replay"[:128] for h in hosts}
     common = CommonOptions.from_args(args)
+    common.host_name = next(iter(targets.values())) if len(set(targets.values())) == 1 else \
+        f"{common.host_name}-replay"
+    if not args.force:
+        _refuse_live_hosts(common, sorted(set(targets.values())))
+    print(f"gpuheal replay: {total} samples of {', '.join(hosts)} as "
+          f"{', '.join(sorted(set(targets.values())))}", file=sys.stderr)
     opts = PublisherOptions(common=common, source="replay", speed=args.speed,
                             replay_samples=track(samples, total, "replay"),
-                            replay_host=args.host_name)
+                            replay_hosts=targets)
     return run(opts)
+
+
+def _refuse_live_hosts(common: CommonOptions, hosts: list[str]) -> None:
+    """A replay never speaks for a host whose publisher is online (unless --force)."""
+    from gpuheal.status import ConnectError, collect
+
+    try:
+        snapshot = collect(common, timeout_s=2.0)
+    except ConnectError as exc:
+        raise UsageError(str(exc)) from None
+    live = [h for h in hosts if (s := snapshot.statuses.get((h, "publisher"))) is not None
+            and s.value == "online"]
+    if live:
+        raise UsageError(f"host {', '.join(live)} is live (its publisher is online): a replay "
+                         "into it would mix recorded and live samples; replay as another "
+                         "--host-name, or pass --force")
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
     from recorder.history import run_history
 
-    return run_history(args.db, host=args.host, gpu=args.gpu, since=args.since, kind=args.kind)
+    return run_history(args.db, host=args.host, gpu=args.gpu, since=args.since, kind=args.kind,
+                       incidents=not args.events)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -306,6 +356,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dashboard": _cmd_dashboard,
     "probe": _cmd_probe,
     "status": _cmd_status,
+    "tail": _cmd_tail,
     "replay": _cmd_replay,
     "history": _cmd_history,
     "export": _cmd_export,

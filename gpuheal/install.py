@@ -49,7 +49,6 @@ SERVICES: tuple[str, ...] = ("broker", "publisher", "analyzer", "healer", "recor
 TARGET = "gpuheal.target"
 MARKER = "# Written by `gpuheal install --systemd`"
 CONFIG_NAME = "gpuheal.toml"
-EXAMPLE_CONFIG = "gpuheal.example.toml"
 MIN_SYSTEMD = 245
 """The oldest systemd the units are written for (Ubuntu 20.04, JetPack 5); newer options are
 gated with ``@since N@``. Used when the version cannot be found out."""

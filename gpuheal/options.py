@@ -163,8 +163,8 @@ class PublisherOptions:
     """Stop after this many sampling rounds (None: run until stopped)."""
     replay_samples: Iterable[Sample] | None = None
     """Recorded samples in time order (replay source); the CLI reads them from --db."""
-    replay_host: str | None = None
-    """Rewrite the host of replayed samples (``--host-name NEW`` of ``gpuheal replay``)."""
+    replay_hosts: dict[str, str] | None = None
+    """Recorded host → the host it is replayed as (``gpuheal replay``)."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser, *, with_count: bool = True) -> None:

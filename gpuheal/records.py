@@ -249,6 +249,12 @@ TABLES: dict[str, TableSpec] = {
 }
 """Every table a message is recorded in, by table name."""
 
+AGGREGATED_METRICS: tuple[str, ...] = (
+    "temperature_c", "utilization_pct", "memory_used_mb", "power_draw_w",
+)
+"""Sample fields the recorder keeps as 1-minute min/avg/max once raw samples pass retention
+(and the series a history chart shows)."""
+
 TABLE_OF_KIND: dict[str, str] = {
     "sample": "samples", "state": "states", "event": "events", "action": "actions",
     "healer_state": "healer_states", "status": "component_status", "deadletter": "deadletter",

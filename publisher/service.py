@@ -17,7 +17,7 @@ import time
 from gpuheal.models import SimCommand
 from gpuheal.mqtt import Bus, Received
 from gpuheal.options import PublisherOptions
-from gpuheal.runtime import BusOptions, RunFailure, run_service
+from gpuheal.runtime import BusOptions, RunFailure, UsageError, run_service
 from publisher.sampling import Stamper, sample_round
 from publisher.sources import NoSourceError, Source, SourceError, interval_of, open_source
 from publisher.sources.sim import SimSource
@@ -48,6 +48,12 @@ class PublisherService:
         self.count = opts.count
         try:
             self.interval_s = interval_of(opts)
+        except NoSourceError as exc:
+            raise UsageError(str(exc)) from None
+        blind = common.config.analyzer.blind_spots(self.interval_s)
+        if blind and opts.source != "replay":
+            raise UsageError("--interval: " + "; ".join(blind))
+        try:
             self.source = source or open_source(opts, self.interval_s)
         except NoSourceError as exc:
             raise RunFailure(str(exc)) from None

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gpuheal.records import BOOL_COLUMNS, JSON_COLUMNS
+from gpuheal.timespec import since_ts
 from recorder.dbfile import RecordingError, open_readonly, require_table
 from recorder.progress import Progress
 from recorder.schema import TIME_COLUMN
-from recorder.timespec import since_ts
 
 FORMATS = ("csv", "jsonl")
 PROGRESS_EVERY = 1000

@@ -1,7 +1,12 @@
-"""``gpuheal history``: recorded events and the actions taken for them, as a table.
+"""``gpuheal history``: recorded incidents, and with ``--events`` every event and action.
 
-Each event row (raised, escalated, cleared) is followed by the actions of the same
-``event_id`` that happened after it and before the event's next row, indented, so an
+By default one line per incident (one condition, one ``event_id``): when it started, the GPU,
+the kind, its peak severity, how long it lasted (or that it is still open), the actions taken
+with their outcomes, and whether a person is still needed (a condition the healer handed over
+that has neither recovered nor been acknowledged).
+
+With ``--events``, each event row (raised, escalated, cleared) is followed by the actions of
+the same ``event_id`` that happened after it and before the event's next row, indented, so an
 incident reads top to bottom. Actions before ``--since`` are left out; those whose event is not in
 the selection (no event id, or an event before ``--since``) follow at the end (not with
 ``--kind``: they have none).
@@ -18,8 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gpuheal.models import iso_utc
+from gpuheal.timespec import since_ts
 from recorder.dbfile import open_readonly, require_table
-from recorder.timespec import since_ts
 
 EVENT_HEADERS = ("TIME (UTC)", "HOST", "GPU", "KIND", "SEVERITY", "PHASE", "MESSAGE")
 ACTION_INDENT = "    -> "
@@ -54,7 +59,7 @@ class Filters:
 def run_history(db: Path | str, host: str | None = None, gpu: int | None = None,
                 since: str | None = None, kind: str | None = None,
                 out: TextIO = sys.stdout, err: TextIO | None = None,
-                now: float | None = None) -> int:
+                now: float | None = None, incidents: bool = True) -> int:
     """Print the history table; 0 on success, 2 (reason on stderr) when the file is missing
     or not a recording, or ``since`` is not a duration (``30s``, ``15m``, ``1h``, ``2d``)."""
     err = err if err is not None else sys.stderr
@@ -73,7 +78,8 @@ def run_history(db: Path | str, host: str | None = None, gpu: int | None = None,
         return 2
     finally:
         database.close()
-    out.write(render(events, actions, orphans, filters))
+    out.write(render_incidents(events, actions, filters) if incidents
+              else render(events, actions, orphans, filters))
     return 0
 
 
@@ -137,6 +143,105 @@ def render(events: list[dict[str, Any]], actions: dict[str, list[dict[str, Any]]
         lines.append("actions without a recorded event in this selection:")
         lines.extend(ACTION_INDENT + line for line in _action_lines(orphans, with_gpu=True))
     return "\n".join(lines) + "\n"
+
+
+FINAL = ("verified", "unresolved", "failed", "skipped", "dry_run", "acknowledged")
+HANDED_OVER = ("needs_human", "not_opted_in", "ladder_exhausted", "held_back_too_long")
+"""Skip reasons that leave a condition to a person."""
+INCIDENT_HEADERS = ("STARTED (UTC)", "HOST/GPU", "KIND", "PEAK", "DURATION", "ACTIONS", "")
+
+
+@dataclass
+class IncidentLine:
+    """One incident as the history tells it."""
+
+    started_ts: float
+    host: str
+    gpu: int
+    kind: str
+    peak: str
+    ended_ts: float | None
+    cleared_by: str | None
+    outcomes: list[str]
+    person: str
+    """``PERSON NEEDED``, ``taken over by a person``, or empty."""
+
+
+def incidents(events: list[dict[str, Any]],
+              actions: dict[str, list[dict[str, Any]]]) -> list[IncidentLine]:
+    """The incidents of ``events`` (ordered by time) with their actions' final outcomes."""
+    by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        by_id[e["event_id"]].append(e)
+    out = []
+    rank = {"warning": 1, "critical": 2, "emergency": 3}
+    for event_id, evs in by_id.items():
+        first = evs[0]
+        cleared = next((e for e in evs if e["phase"] == "cleared"), None)
+        acts = actions.get(event_id, [])
+        final: dict[str, dict[str, Any]] = {}
+        order: list[str] = []
+        for a in acts:  # the last word on each action (its life is several messages)
+            if a["action_id"] not in final:
+                order.append(a["action_id"])
+            previous = final.get(a["action_id"])
+            if previous is None or previous["status"] not in FINAL or a["status"] in FINAL:
+                final[a["action_id"]] = a
+        outcomes = []
+        for action_id in order:
+            a = final[action_id]
+            status = a["status"] if a["status"] in FINAL else "running"
+            text = f"{a['action']} {status}"
+            if a.get("reason") and status in ("skipped", "failed", "unresolved"):
+                text += f" ({a['reason']})"
+            outcomes.append(text)
+        acknowledged = any(a["status"] == "acknowledged" for a in acts)
+        handed = any(a["status"] == "skipped" and a.get("reason") in HANDED_OVER for a in acts)
+        person = ""
+        if acknowledged:
+            person = "taken over by a person"
+        elif handed and cleared is None:
+            person = "PERSON NEEDED"
+        out.append(IncidentLine(
+            started_ts=first["started_ts"] or first["ts"], host=first["host"], gpu=first["gpu"],
+            kind=first["kind"], peak=max((e["severity"] for e in evs), key=lambda s: rank[s]),
+            ended_ts=cleared["ts"] if cleared else None,
+            cleared_by=cleared.get("cleared_by") if cleared else None,
+            outcomes=[o for o in outcomes if not o.startswith("notify acknowledged")],
+            person=person))
+    return sorted(out, key=lambda i: i.started_ts)
+
+
+def render_incidents(events: list[dict[str, Any]], actions: dict[str, list[dict[str, Any]]],
+                     filters: Filters) -> str:
+    """One line per incident, aligned."""
+    found = incidents(events, actions)
+    if not found:
+        return f"no incidents recorded ({filters.describe()})\n"
+    rows = []
+    for i in found:
+        if i.ended_ts is None:
+            duration = "open"
+        else:
+            duration = _duration(i.ended_ts - i.started_ts)
+            if i.cleared_by and i.cleared_by != "recovered":
+                duration += f" ({i.cleared_by})"
+        rows.append((iso_utc(i.started_ts), f"{i.host}/{i.gpu}", i.kind, i.peak, duration,
+                     ", ".join(i.outcomes) or "-", i.person))
+    widths = [max(len(INCIDENT_HEADERS[c]), *(len(r[c]) for r in rows))
+              for c in range(len(INCIDENT_HEADERS))]
+    lines = [_join(INCIDENT_HEADERS, widths).rstrip()]
+    lines += [_join(r, widths).rstrip() for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{(seconds % 3600) // 60:02.0f}m"
 
 
 def _action_lines(acts: list[dict[str, Any]], with_gpu: bool = False) -> list[str]:

@@ -40,6 +40,17 @@ def _open(db: Path | str) -> Database:
     return database
 
 
+def recorded_hosts(db: Path | str, host: str | None = None) -> list[str]:
+    """The hosts with raw samples in ``db`` (just ``host`` when it has some)."""
+    database = _open(db)
+    try:
+        where, params = _where(host, None, None, None)
+        return [row[0] for row in database.execute(
+            f"SELECT DISTINCT host FROM samples{where} ORDER BY host", params)]
+    finally:
+        database.close()
+
+
 def count_samples(db: Path | str, host: str | None = None, gpu: int | None = None,
                   since_ts: float | None = None, until_ts: float | None = None) -> int:
     """How many samples :func:`read_samples` yields with the same filters."""

@@ -30,10 +30,6 @@ COLUMNS: dict[str, tuple[str, ...]] = {t: spec.names for t, spec in TABLES.items
 TIME_COLUMN: dict[str, str] = {t: "ts" for t in COLUMNS} | {"sample_aggregates": "minute_ts"}
 """The column ``--since`` filters on, per table."""
 
-AGGREGATED_METRICS: tuple[str, ...] = (
-    "temperature_c", "utilization_pct", "memory_used_mb", "power_draw_w",
-)
-"""Sample fields kept as 1-minute min/avg/max once raw samples pass retention."""
 
 _INT = int
 _TEXT = str

@@ -23,8 +23,9 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from gpuheal.records import AGGREGATED_METRICS
 from recorder.rows import Record
-from recorder.schema import AGGREGATED_METRICS, COLUMNS, migrate
+from recorder.schema import COLUMNS, migrate
 
 FOLD_CHUNK_S = 3600.0
 """Seconds of sample time folded per transaction (keeps the write lock short)."""

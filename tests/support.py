@@ -250,3 +250,11 @@ class FakeOllama:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+from pathlib import Path  # noqa: E402  (appended: the constants below need it)
+
+REPO = Path(__file__).resolve().parent.parent
+"""The repository root."""
+FIXTURES = REPO / "tests" / "fixtures"
+"""Test fixtures: stand-in executables, recorded outputs."""

@@ -102,7 +102,7 @@ def test_up_heals_the_demo_with_verified_actions(tmp_path: Path, gpuheal_cmd: li
     # Each component said goodbye through the broker before `up` stopped it.
     offline = {m.topic.split("/")[2] for m in statuses.snapshot() if m.payload == b"offline"}
     statuses.stop()
-    assert offline == {"publisher", "analyzer", "healer", "recorder"}, offline
+    assert offline == {"publisher", "analyzer", "healer", "recorder", "dashboard"}, offline
     assert "killing" not in (tmp_path / "up.log").read_text()
 
     with sqlite3.connect(db) as con:

@@ -188,7 +188,8 @@ def test_replay_keeps_time_and_seq_and_ends(broker: PrivateBroker, prefix: str) 
     recorded = [Sample(host="old-host", index=i % 2, source="sim", ts=1000.0 + i * 0.5,
                        seq=40 + i // 2, temperature_c=50.0 + i) for i in range(8)]
     opts = options(broker.url, prefix, source="replay", speed=100.0,
-                   replay_samples=iter(recorded), replay_host="new-host")
+                   replay_samples=iter(recorded),
+                   replay_hosts={"old-host": "new-host"})
     with Collector(broker.url, Topics(prefix).gpu_pattern("sample")) as col:
         assert run(opts) == 0
         col.wait(lambda ms: len(ms) == 8, 5, "8 replayed samples")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from gpuheal.config.base import ConfigModel
 from gpuheal.config.detection import AnalyzerConfig, MemoryProfile
@@ -29,6 +29,14 @@ class GpuhealConfig(ConfigModel):
     analyzer: AnalyzerConfig = Field(default_factory=AnalyzerConfig)
     healer: HealerConfig = Field(default_factory=HealerConfig)
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
+
+    @model_validator(mode="after")
+    def _detectors_can_see(self) -> GpuhealConfig:
+        """A sample interval that makes a detector blind is a config error, not a surprise."""
+        blind = self.analyzer.blind_spots(self.publisher.interval_s)
+        if blind:
+            raise ValueError("publisher.interval_s: " + "; ".join(blind))
+        return self
 
 
 def load_config(path: str | Path | None) -> GpuhealConfig:

@@ -12,7 +12,7 @@ detector blind.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -57,12 +57,15 @@ def _default_memory_profiles() -> list[MemoryProfile]:
     ]
 
 
+XidCode = Annotated[int, Field(ge=0)]
+
+
 class ThermalConfig(ConfigModel):
     """Temperatures in °C."""
 
-    warning_c: float = 83.0
-    critical_c: float = 85.0
-    emergency_c: float = 90.0
+    warning_c: float = Field(default=83.0, gt=0, le=150)
+    critical_c: float = Field(default=85.0, gt=0, le=150)
+    emergency_c: float = Field(default=90.0, gt=0, le=150)
     hysteresis_c: float = Field(default=3.0, ge=0)
     """Clears only below ``warning_c - hysteresis_c``: a condition is entered through the
     warning threshold (even when the first hot sample is already critical), and severity never
@@ -125,7 +128,7 @@ class HangConfig(ConfigModel):
     reference (one boost bin): a healthy power-capped GPU moves its clock."""
     min_flat_samples: int = Field(default=5, ge=2)
     """Flatness needs at least this many samples, none more than window_s / 3 apart."""
-    hang_xids: list[int] = Field(default_factory=lambda: [8, 109, 119])
+    hang_xids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [8, 109, 119])
     """XIDs that mean the GPU itself is stuck (8: GPU stopped processing, 109: context switch
     timeout, 119: GSP RPC timeout); they confirm a hang seen during the high-utilization run."""
 
@@ -152,9 +155,9 @@ class HangConfig(ConfigModel):
 class XidConfig(ConfigModel):
     """NVIDIA's XID catalog: which recovery each code needs."""
 
-    restart_app: list[int] = Field(default_factory=lambda: [13, 31, 43, 94])
-    reset_gpu: list[int] = Field(default_factory=lambda: [46, 62, 64, 95, 109, 119, 120])
-    reboot: list[int] = Field(default_factory=lambda: [79])
+    restart_app: list[XidCode] = Field(default_factory=lambda: [13, 31, 43, 94])
+    reset_gpu: list[XidCode] = Field(default_factory=lambda: [46, 62, 64, 95, 109, 119, 120])
+    reboot: list[XidCode] = Field(default_factory=lambda: [79])
     clear_after_s: float = Field(default=120.0, gt=0)
     """Event-time seconds of AVAILABLE samples without a new XID before an XID condition
     clears (an unavailable sample starts the count again). A ``reset_gpu`` code first needs

@@ -28,8 +28,11 @@ NOTES = {
     "analyzer.thermal": "Clears only below (warning_c - hysteresis_c).",
     "analyzer.hang": (
         "A hang is suspected (warning) after util >= util_pct for window_s, and confirmed\n"
-        "(critical) only when power and memory stayed flat over the window (min_flat_samples\n"
-        "samples, none more than window_s / 3 apart) or a hang XID came."),
+        "(critical, reset_gpu) only with evidence a healthy GPU cannot give: over the whole\n"
+        "window (min_flat_samples samples, none more than window_s / 3 apart) power flat AND\n"
+        "at most flat_power_max_pct % of the current limit AND never within the limit margin,\n"
+        "no power-cap throttle reason, memory exactly constant, SM clock flat; or a hang XID\n"
+        "(8, 109, 119; never 13/31/43/45). It clears clear_after_s below util_pct."),
     "healer.ladders": (
         "Ladders: on a condition the healer takes the highest rung whose min_severity the\n"
         "event reaches; when an action is unresolved after verify_window_s it escalates."),
@@ -66,12 +69,13 @@ def value(v: object) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def note(path: str, out: list[str]) -> None:
-    if path in NOTES:
-        out.extend("# " + line for line in NOTES.pop(path).splitlines())
+def note(path: str, out: list[str], notes: dict[str, str]) -> None:
+    """Write the note of ``path`` once (a list of tables gets it before its first table)."""
+    if path in notes:
+        out.extend("# " + line for line in notes.pop(path).splitlines())
 
 
-def table(path: str, model: BaseModel, out: list[str]) -> None:
+def table(path: str, model: BaseModel, out: list[str], notes: dict[str, str]) -> None:
     scalars: dict[str, object] = {}
     nested: list[tuple[str, object]] = []
     for name in type(model).model_fields:
@@ -84,7 +88,7 @@ def table(path: str, model: BaseModel, out: list[str]) -> None:
         elif v is not None:
             scalars[name] = v
     if scalars:
-        note(path, out)
+        note(path, out, notes)
         out.append(f"[{path}]")
         out.extend(f"{k} = {value(v)}" for k, v in scalars.items())
         out.append("")
@@ -93,9 +97,9 @@ def table(path: str, model: BaseModel, out: list[str]) -> None:
     for name, v in nested:
         sub = f"{path}.{name}"
         if isinstance(v, BaseModel):
-            table(sub, v, out)
+            table(sub, v, out, notes)
             continue
-        note(sub, out)
+        note(sub, out, notes)
         items = ([(f"{sub}.{k}", r) for k, rungs in v.items() for r in rungs]
                  if isinstance(v, dict) else [(sub, r) for r in v])
         for where, item in items:
@@ -106,8 +110,9 @@ def table(path: str, model: BaseModel, out: list[str]) -> None:
 
 def render() -> str:
     out = [HEADER]
+    notes = dict(NOTES)
     config = GpuhealConfig()
     for section in ("publisher", "analyzer", "healer", "recorder"):
-        table(section, getattr(config, section), out)
+        table(section, getattr(config, section), out, notes)
     return "\n".join(out).rstrip() + "\n"
 

@@ -98,7 +98,7 @@ class GuardsConfig(ConfigModel):
 
 
 class ActuatorsConfig(ConfigModel):
-    ollama_url: str = "http://127.0.0.1:11434"
+    ollama_url: str = Field(default="http://127.0.0.1:11434", pattern=r"^https?://")
     http_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     command_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     restart_llm_service: list[str] = Field(

@@ -67,7 +67,7 @@ def open_one(name: str, opts: PublisherOptions, interval_s: float) -> Source:
         if opts.replay_samples is None:
             raise SourceUnavailable("replay needs recorded samples (gpuheal replay --db FILE)")
         try:
-            return ReplaySource(opts.replay_samples, speed=opts.speed, host=opts.replay_host)
+            return ReplaySource(opts.replay_samples, speed=opts.speed, hosts=opts.replay_hosts)
         except ValueError as exc:
             raise SourceUnavailable(str(exc)) from None
     raise SourceUnavailable(f"unknown source {name!r}: choose auto or one of "

@@ -1,7 +1,8 @@
 """Replay source: recorded Samples republished with their original spacing, ``speed`` times
 faster. Each sample keeps its ``ts`` and ``seq`` (detectors work on event time, so a replay at
-any speed yields the same events); ``source`` becomes ``replay`` and, when asked, ``host`` is
-rewritten (``gpuheal replay --host-name NEW``).
+any speed yields the same events); ``source`` becomes ``replay`` and ``host`` is rewritten
+by a map (``gpuheal replay`` sends ``H`` as ``H-replay`` unless told otherwise), so a replay
+never speaks for a live host.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ class ReplaySource:
     name = "replay"
 
     def __init__(self, samples: Iterable[Sample], speed: float = 1.0,
-                 host: str | None = None) -> None:
+                 hosts: dict[str, str] | None = None) -> None:
+        """``hosts``: recorded host name → the name it is replayed as (others keep theirs)."""
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
-        if host is not None and not valid_host(host):
-            raise ValueError(f"invalid host name {host!r}: must match [A-Za-z0-9_-]+")
+        for host in (hosts or {}).values():
+            if not valid_host(host):
+                raise ValueError(f"invalid host name {host!r}: must match [A-Za-z0-9_-]+")
         self.speed = speed
-        self.host = host
+        self.hosts = dict(hosts or {})
         self._samples: Iterator[Sample] = iter(samples)
         self._next: Sample | None = next(self._samples, None)
         self._current_ts = self._next.ts if self._next is not None else 0.0
@@ -42,8 +45,8 @@ class ReplaySource:
         self._next = next(self._samples, None)
         self.replayed += 1
         update: dict[str, object] = {"source": "replay"}
-        if self.host is not None:
-            update["host"] = self.host
+        if current.host in self.hosts:
+            update["host"] = self.hosts[current.host]
         self._current_ts = current.ts
         return [current.model_copy(update=update)]
 
