@@ -10,7 +10,8 @@ import pytest
 from analyzer.engine import Analyzer, fast_iso_utc
 from gpuheal.config import AnalyzerConfig
 from gpuheal.config.detection import UnavailableConfig
-from gpuheal.models import Event, State, iso_utc, make_event_id, parse_payload
+from gpuheal.models import Event, State, iso_utc, make_event_id
+from gpuheal.wire import decode
 from tests.test_analyzer_streams import (
     T0,
     all_streams,
@@ -96,7 +97,7 @@ def test_restore_keeps_the_event_id_and_does_not_reraise() -> None:
     first, states = run_engine(flap[:10])
     raised = of(first, "thermal_throttling")
     assert [e.phase for e in raised] == ["raised"]
-    retained = parse_payload(State, states[-1].to_json())  # as it comes off the wire
+    retained = decode(State, states[-1].to_json())  # as it comes off the wire
 
     b = engine(started_ts=T0 + 10_000)
     assert b.restore(retained)
@@ -139,7 +140,7 @@ def test_state_is_the_origin_object_with_worst_health() -> None:
                        memory_total_mb=80000.0, fan_pct=55.0))
     state = out[-1]
     assert isinstance(state, State)
-    wire = parse_payload(State, state.to_json())
+    wire = decode(State, state.to_json())
     assert wire.health == "critical"            # emergency maps to critical
     assert wire.error in ("thermal_throttling", "out_of_memory")
     assert wire.memory.percent == 98.8 and wire.memory.total_mb == 80000.0
@@ -196,15 +197,25 @@ def test_silence_raises_unavailable_after_missed_intervals_of_wall_time() -> Non
     assert [(e.phase, e.event_id) for e in cleared] == [("cleared", event.event_id)]
 
 
-def test_silence_timeout_has_a_floor_and_needs_two_samples() -> None:
-    clock = FakeClock(1000.0)
-    a = engine(clock=clock)
-    a.process(mk(T0, 0))
-    assert a.check_silence(5000.0) == []           # one sample: interval unknown
-    clock.now = 1000.01
-    a.process(mk(T0 + 1, 1))
-    assert a.check_silence(1000.01 + 1.9) == []     # 3 x 10 ms < 2 s floor
-    assert len(a.check_silence(1000.01 + 2.1)) == 2
+def test_silence_timeout_has_a_floor_in_event_seconds_and_needs_two_samples() -> None:
+    """The floor (min_timeout_s, 2 s) is event time now, like the whole timeout, so a replay at
+    10x is judged by the same rule (it was 2 wall seconds whatever the speed: issue 10 #11).
+    Only delivery jitter has a wall floor (min_wall_timeout_s, 1 s)."""
+    for speed, wall_floor in ((1.0, 0.0), (10.0, 0.0), (10.0, 1.0)):
+        clock = FakeClock(1000.0)
+        a = engine(AnalyzerConfig(unavailable=UnavailableConfig(min_wall_timeout_s=wall_floor)),
+                   clock)
+        a.process(mk(T0, 0))
+        assert a.check_silence(5000.0) == []       # one sample: interval unknown
+        for k in range(1, 4):                      # 10 samples a second of event time
+            clock.now = 1000.0 + 0.1 * k / speed
+            a.process(mk(T0 + 0.1 * k, k))
+        # 3 intervals are 0.3 s, under the 2 s floor: 2 event seconds = 2 / speed wall s
+        wall_timeout = max(2.0 / speed, wall_floor)
+        assert a.check_silence(clock.now + wall_timeout - 0.01) == []
+        event, _state = a.check_silence(clock.now + wall_timeout + 0.01)
+        assert event.evidence["timeout_event_s"] == 2.0
+        assert event.ts == T0 + 0.3 + 2.0, "the same event whatever the wall floor"
 
 
 # --- bounded memory ---------------------------------------------------------------

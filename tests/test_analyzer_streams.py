@@ -102,7 +102,8 @@ def all_streams() -> list[Sample]:
 def run_engine(samples: Iterable[Sample], config: AnalyzerConfig | None = None,
                analyzer: Analyzer | None = None) -> tuple[list[Event], list[State]]:
     """Feed samples to an analyzer; its events and states."""
-    a = analyzer or Analyzer(config or AnalyzerConfig(), started_ts=T0 - 1, clock=lambda: 0.0)
+    a = analyzer if analyzer is not None else Analyzer(config or AnalyzerConfig(),
+                                                       started_ts=T0 - 1, clock=lambda: 0.0)
     events: list[Event] = []
     states: list[State] = []
     for s in samples:

@@ -350,3 +350,24 @@ def test_a_lost_gpu_does_not_cost_the_others_their_events() -> None:
         assert [r.get("xids") for r in source.read(0.0)] == [None, [48]]
     finally:
         source.close()
+
+
+def test_xids_drained_with_an_unavailable_reading_are_carried_in_it() -> None:
+    """XID 79 comes exactly when the GPU falls off the bus: the round that reads the GPU as
+    lost drains the XID and must report it (it used to be dropped: issue 10 #11)."""
+    fake = FakeNvml()
+    source = NvmlSource(fake).open()
+    try:
+        fake.event_queue.put(xid_event(0, 79))
+        wait_for(lambda: fake.event_queue.empty() and source.watcher._pending.get(0),
+                 5, "the XID")
+        fake.errors[("nvmlDeviceGetTemperature", 0)] = pynvml.NVMLError_GpuIsLost()
+        lost, other = source.read(0.0)
+        assert lost == {"index": 0, "available": False, "error": "GPU is lost", "xids": [79],
+                        "uuid": "GPU-00000000", "name": "NVIDIA H100 80GB HBM3"}
+        assert other["xids"] == []
+        sample = Sample(host="h", source="nvml", ts=1.0, seq=0, **lost)
+        assert sample.xids == [79] and not sample.available
+        assert source.read(0.0)[0]["xids"] == [], "reported once"
+    finally:
+        source.close()

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig
-from gpuheal.models import Sample, SimCommand
+from gpuheal.models import Event, Sample, SimCommand
 from publisher.scenarios import BUILTIN_NAMES, INCIDENT_MAX_S, ScenarioError, load_scenario
 from publisher.sources.sim import (
     DEFAULT_POWER_LIMIT_W,
@@ -56,20 +57,14 @@ def play(scenario: str, seconds: float, seed: int = 0, healer: Healer | None = N
 
 
 def looks_hung(readings: list[dict[str, Any]]) -> bool:
-    """The analyzer's confirmed hang: util >= 99 % for >= 30 s with power within
-    max(5 W, 3 %) and memory within 64 MiB over the window."""
-    hang = ANALYZER.hang
-    window = int(hang.window_s) + 1
-    for i in range(len(readings) - window + 1):
-        part = readings[i:i + window]
-        if any((r["utilization_pct"] or 0) < hang.util_pct for r in part):
-            continue
-        powers = [r["power_draw_w"] for r in part]
-        memories = [r["memory_used_mb"] for r in part]
-        power_tol = max(hang.power_tolerance_w, hang.power_tolerance_pct / 100 * powers[0])
-        if max(powers) - min(powers) <= power_tol and \
-                max(memories) - min(memories) <= hang.memory_tolerance_mb:
-            return True
+    """Whether the analyzer (default config) confirms a hang on these readings."""
+    engine = Analyzer(ANALYZER, started_ts=0.0, clock=lambda: 0.0)
+    for seq, r in enumerate(readings):
+        sample = Sample(host="h", source="sim", seq=seq,
+                        **{k: v for k, v in r.items() if k not in ("phase", "t")})
+        for out in engine.process(sample):
+            if isinstance(out, Event) and out.kind == "gpu_hang" and out.severity == "critical":
+                return True
     return False
 
 
@@ -109,7 +104,7 @@ def test_other_gpus_run_healthy_seeded_from_seed_plus_index() -> None:
         readings = source.read(0.0)
         if source.gpus[2].t > 0:
             twin.step(1.0)
-        assert readings[2] == {**twin.reading(), "ts": readings[2]["ts"]}
+        assert readings[2] == {**twin.reading(), "ts": readings[2]["ts"], "host_boot_ts": 0.0}
     assert source.gpus[0].phase.name == "hang" and source.gpus[1].phase.name == "idle"
 
 
@@ -404,4 +399,4 @@ def test_unknown_scenario_lists_the_built_ins() -> None:
     with pytest.raises(ScenarioError, match="built-ins are demo, oom"):
         load_scenario("nope")
     assert set(BUILTIN_NAMES) == {"demo", "oom", "thermal", "hang", "healthy-busy", "xid",
-                                  "lost", "healthy"}
+                                  "lost", "healthy", "healthy-capped", "healthy-throttled"}

@@ -9,6 +9,11 @@ A detector is a small stateful object for ONE GPU. ``update(sample)`` returns:
 * :data:`KEEP` — this sample says nothing either way (a missing reading is not evidence of
   health), so nothing changes.
 
+When the engine clears an active condition on ``None`` it asks the detector
+:meth:`Detector.cleared` for the message and evidence of the reading that cleared it (only
+then: a healthy sample costs nothing more). Every stored event time moves with
+:meth:`Detector.shift` when the engine re-anchors a stepped source clock.
+
 Detectors keep O(1) state: a few numbers, never a growing list.
 """
 
@@ -61,6 +66,19 @@ class Detector:
         ``started_ts`` is when the condition started, ``state_ts`` the event time of the
         retained State (both UNIX seconds of the source clock).
         """
+
+    def cleared(self, sample: Sample) -> tuple[str, dict[str, Any]]:
+        """Message and evidence of the reading that ends the active condition (``sample`` is
+        the one this detector just answered None to)."""
+        return "cleared: the condition no longer holds", {}
+
+    def shift(self, delta_s: float) -> None:
+        """Move every stored event time by ``delta_s`` seconds (the source clock stepped and
+        the engine re-anchored it, so that no window elapses or restarts by the step)."""
+
+    def acknowledged(self) -> None:
+        """A person took the active condition over: forget its evidence (it is not raised
+        again for the same evidence; the engine mutes the kind until it stops holding)."""
 
 
 def worse(a: Severity | None, b: Severity | None) -> Severity | None:

@@ -6,6 +6,8 @@ condition clears once it is 0 and no row remap is pending. Recommended action: `
 
 from __future__ import annotations
 
+from typing import Any
+
 from analyzer.detectors.base import KEEP, Detector, Finding, Verdict
 from gpuheal.models import Sample, Severity
 
@@ -34,6 +36,16 @@ class CriticalHealthDetector(Detector):
             evidence={"ecc_uncorrected": ecc, "remapped_rows_pending": pending},
             recommended_action="reset_gpu",
         )
+
+    def cleared(self, sample: Sample) -> tuple[str, dict[str, Any]]:
+        parts = []
+        if sample.ecc_uncorrected is not None:
+            parts.append(f"uncorrectable ECC count {sample.ecc_uncorrected}")
+        if sample.remapped_rows_pending is not None:
+            parts.append("no row remap pending")
+        return (f"cleared: {' and '.join(parts)}",
+                {"ecc_uncorrected": sample.ecc_uncorrected,
+                 "remapped_rows_pending": sample.remapped_rows_pending})
 
     def restore(self, severity: Severity, started_ts: float, state_ts: float) -> None:
         return None

@@ -8,6 +8,8 @@ percent of the total. Ladder: warning → ``clear_llm_cache``, critical and emer
 
 from __future__ import annotations
 
+from typing import Any
+
 from analyzer.detectors.base import KEEP, BandedLevel, Detector, Finding, Verdict
 from gpuheal.config.detection import AnalyzerConfig, MemoryProfile
 from gpuheal.models import ActionName, Sample, Severity
@@ -82,6 +84,26 @@ class MemoryDetector(Detector):
             evidence=evidence,
             recommended_action=memory_action(severity),
         )
+
+    def cleared(self, sample: Sample) -> tuple[str, dict[str, Any]]:
+        profile = self._profile
+        used, total = sample.memory_used_mb, sample.memory_total_mb
+        if profile is None or used is None:
+            return "cleared: memory below its thresholds", {"memory_used_mb": used}
+        unit = "GiB" if profile.unit == "gb" else "%"
+        if profile.unit == "gb":
+            shown = used / MIB_PER_GIB
+        else:
+            shown = used * 100.0 / total if total else 0.0
+        below = profile.warning - profile.hysteresis
+        evidence: dict[str, Any] = {"memory_used_mb": used, "memory_total_mb": total,
+                                    "profile": profile.name, "clears_below": below,
+                                    "unit": unit}
+        if total:
+            evidence["percent"] = round(used * 100.0 / total, 2)
+        return (f"cleared: memory {shown:.1f} {unit} used, below {below:g} {unit} (warning at "
+                f"{profile.warning:g} {unit}, hysteresis {profile.hysteresis:g} {unit}, profile "
+                f"{profile.name})", evidence)
 
     def restore(self, severity: Severity, started_ts: float, state_ts: float) -> None:
         self._band.active = True

@@ -8,6 +8,8 @@ under the threshold that raised it) and no slowdown reason is reported. Ladder: 
 
 from __future__ import annotations
 
+from typing import Any
+
 from analyzer.detectors.base import KEEP, BandedLevel, Detector, Finding, Verdict, worse
 from gpuheal.config.detection import ThermalConfig
 from gpuheal.models import ActionName, Sample, Severity
@@ -70,6 +72,20 @@ class ThermalDetector(Detector):
             },
             recommended_action=THERMAL_ACTIONS[severity],
         )
+
+    def cleared(self, sample: Sample) -> tuple[str, dict[str, Any]]:
+        c = self._config
+        temp = sample.temperature_c
+        below = c.warning_c - c.hysteresis_c
+        if temp is None:
+            message = "cleared: no thermal slowdown reported (temperature not reported)"
+        else:
+            message = (f"cleared: temperature {temp:g} °C, below {below:g} °C (warning at "
+                       f"{c.warning_c:g} °C, hysteresis {c.hysteresis_c:g} °C)")
+            if sample.throttle_reasons is not None:
+                message += ", no thermal slowdown reported"
+        return message, {"temperature_c": temp, "clears_below_c": below,
+                         "warning_c": c.warning_c, "slowdown_reasons": []}
 
     def restore(self, severity: Severity, started_ts: float, state_ts: float) -> None:
         self._band.active = True

@@ -11,7 +11,8 @@ means:
 
 ``nvmlInit`` runs lazily on first use and ``nvmlShutdown`` at exit. A background thread waits
 on an NVML event set for ``XidCriticalError`` (plus double-bit ECC and GPU-unavailable events
-where the card supports them) and hands the XID codes to the next sample's ``xids``.
+where the card supports them) and hands the XID codes to the next sample's ``xids`` (an
+unavailable sample too).
 """
 
 from __future__ import annotations
@@ -161,11 +162,17 @@ class NvmlQuery:
         return self._handles[index]
 
     def sample(self, index: int, xids: list[int] | None = None) -> dict[str, Any]:
-        """One GPU's Sample fields; an unavailable reading when NVML says the GPU is gone."""
+        """One GPU's Sample fields; an unavailable reading when NVML says the GPU is gone.
+
+        ``xids`` (drained from the event watcher for this round) are carried either way: an
+        XID 79 comes exactly when the GPU falls off the bus."""
         try:
             return self._sample(index, xids)
         except GpuUnavailable as exc:
-            return unavailable_reading(index, exc.reason, **self._identity.get(index, {}))
+            reading = unavailable_reading(index, exc.reason, **self._identity.get(index, {}))
+            if xids is not None:
+                reading["xids"] = xids
+            return reading
 
     def _sample(self, index: int, xids: list[int] | None) -> dict[str, Any]:
         lib = pynvml
