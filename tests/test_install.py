@@ -634,7 +634,6 @@ def test_templates_are_package_data() -> None:
                for p in glob(pattern, root_dir=package, recursive=True)
                if (package / p).is_file()}
     needed = {p.relative_to(package) for p in (package / "data" / "systemd").iterdir()}
-    needed.add(Path("data") / install.EXAMPLE_CONFIG)
     assert sorted(map(str, needed - shipped)) == []
 
 
