@@ -26,6 +26,7 @@ import logging
 import ssl
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ from gpuheal.wire import STATUS_REASON_PROPERTY, PayloadError, decode, topic_mis
 log = logging.getLogger(__name__)
 
 DEADLETTER_PAYLOAD_CHARS = 1024
+INSTANCE_PROPERTY = "gpuheal-instance"
+SINCE_PROPERTY = "gpuheal-since"
+"""User properties of an exclusive component's ``online``: who claims the host, since when."""
 REFUSAL_LOG_INTERVAL_S = 60.0
 """A refused publication on one topic is logged at most this often (seconds)."""
 
@@ -206,9 +210,13 @@ class Bus:
         announce_status: bool = True,
         keepalive_s: int = 30,
         on_reject: Callable[[Rejected], None] | None = None,
+        exclusive: bool = False,
     ) -> None:
         """``on_reject``: instead of publishing a dead letter, hand rejected payloads to this
-        hook (it runs on the network thread and, with ``manual_ack``, must ack them itself)."""
+        hook (it runs on the network thread and, with ``manual_ack``, must ack them itself).
+        ``exclusive``: one such component per host: the client id is
+        ``gpuheal-<prefix>-<component>-<host>``, so a second one started for the same host takes the
+        session over and this one stops reconnecting (``taken_over``) instead of fighting."""
         self.broker = BrokerURL.parse(broker) if isinstance(broker, str) else broker
         self.component = component
         self.host = host
@@ -234,6 +242,13 @@ class Bus:
         """Why the last connection attempt failed (one line), None once connected."""
         self.auth_failed = False
         """The broker refused our credentials (a one-shot command gives up on this)."""
+        self.taken_over = threading.Event()
+        """Another client with our (exclusive) client id connected: this one must stop."""
+        self._exclusive = exclusive and announce_status
+        self._instance = uuid.uuid4().hex
+        self._claim_ts = time.time()
+        if exclusive and client_id is None:
+            client_id = f"gpuheal-{self.topics.prefix}-{component}-{host}"
         self.status_topic = self.topics.status(host, component) if announce_status else None
 
         self.client = GpuhealClient(
@@ -263,7 +278,10 @@ class Bus:
                 self.client.tls_insecure_set(True)
         if self.status_topic:
             self.client.will_set(self.status_topic, "offline", qos=1, retain=True,
-                                 properties=_reason_properties("lost", PacketTypes.WILLMESSAGE))
+                                 properties=self._status_properties(
+                                     "lost", PacketTypes.WILLMESSAGE))
+        if self._exclusive and self.status_topic:
+            self.client.message_callback_add(self.status_topic, self._on_own_status)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
@@ -333,9 +351,9 @@ class Bus:
     def stop(self, timeout_s: float = 3.0) -> None:
         """Clean exit: retained ``offline`` (reason ``stopped``), then disconnect (no Will)."""
         self._stopping = True
-        if self._connected.is_set() and self.status_topic:
+        if self._connected.is_set() and self.status_topic and not self.taken_over.is_set():
             info = self.client.publish(self.status_topic, "offline", qos=1, retain=True,
-                                       properties=_reason_properties("stopped"))
+                                       properties=self._status_properties("stopped"))
             Delivery(info).wait(timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
@@ -451,11 +469,15 @@ class Bus:
         self.last_connect_error = None
         self.auth_failed = False
         self._generation += 1
-        if self._subs:
-            client.subscribe([(s.pattern, SubscribeOptions(qos=s.qos, noLocal=s.no_local))
-                              for s in self._subs])
+        subs = [(s.pattern, SubscribeOptions(qos=s.qos, noLocal=s.no_local)) for s in self._subs]
+        if self._exclusive and self.status_topic:
+            subs.append((self.status_topic, SubscribeOptions(qos=1)))  # not No Local: the
+            # other instance has the same client id
+        if subs:
+            client.subscribe(subs)
         if self.status_topic:
-            client.publish(self.status_topic, "online", qos=1, retain=True)
+            client.publish(self.status_topic, "online", qos=1, retain=True,
+                           properties=self._status_properties(None))
         for hook in self._hooks:
             try:
                 hook()
@@ -464,10 +486,50 @@ class Bus:
         self._connected.set()
         log.info("%s: connected to %s", self.component, self.broker.redacted())
 
-    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+    def _status_properties(self, reason: str | None,
+                           packet: int = PacketTypes.PUBLISH) -> Properties | None:
+        """A status's user properties: why it went offline, and (exclusive) who says it."""
+        pairs = [] if reason is None else [(STATUS_REASON_PROPERTY, reason)]
+        if self._exclusive:
+            pairs += [(INSTANCE_PROPERTY, self._instance), (SINCE_PROPERTY, repr(self._claim_ts))]
+        if not pairs:
+            return None
+        props = Properties(packet)
+        props.UserProperty = pairs
+        return props
+
+    def _on_own_status(self, client: paho.Client, _userdata: object,
+                       msg: paho.MQTTMessage) -> None:
+        """A newer instance of this exclusive component spoke on its status topic (its
+        ``online``, or its Last Will when this one's reconnect pushed it out): the newest
+        wins, this one stops reconnecting."""
+        if self.taken_over.is_set():
+            return
+        other = _user_property(msg, INSTANCE_PROPERTY)
+        since = _user_property(msg, SINCE_PROPERTY)
+        try:
+            newer = other is not None and other != self._instance and since is not None \
+                and float(since) > self._claim_ts
+        except ValueError:
+            return
+        if newer:
+            self.taken_over.set()
+            self._stopping = True
+            log.error("%s: another %s started as host %s (the same --host-name); it takes "
+                      "over and this one stops", self.component, self.component, self.host)
+            client.disconnect()
+
+    def _on_disconnect(self, client, _userdata, _flags, reason_code, _props) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
         if self._stopping:
+            return
+        if str(reason_code) == "Session taken over":
+            self.taken_over.set()
+            self._stopping = True
+            log.error("%s: another %s connected as host %s (the same --host-name): it took "
+                      "over; this one stops", self.component, self.component, self.host)
+            client.disconnect()  # no reconnect: two of them would take turns forever
             return
         if was_connected:
             log.warning("%s: disconnected from %s (%s); reconnecting", self.component,
@@ -532,12 +594,6 @@ def describe_connect_error(broker: BrokerURL, exc: OSError | None) -> str:
     if exc.strerror:
         return f"{where} ({exc.strerror.lower()})"
     return f"{where} ({type(exc).__name__}: {exc})"
-
-
-def _reason_properties(reason: str, packet: int = PacketTypes.PUBLISH) -> Properties:
-    props = Properties(packet)
-    props.UserProperty = (STATUS_REASON_PROPERTY, reason)
-    return props
 
 
 def _user_property(msg: paho.MQTTMessage, name: str) -> str | None:

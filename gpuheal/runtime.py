@@ -60,6 +60,8 @@ class BusOptions:
     receive_maximum: int | None = None
     announce_status: bool = True
     on_reject: Callable[[Rejected], None] | None = None
+    exclusive: bool = False
+    """One per host (publisher, healer): a second one for the same host takes over."""
 
 
 class Service(Protocol):
@@ -150,7 +152,8 @@ class Component:
                        client_id=opts.client_id, clean_start=opts.clean_start,
                        session_expiry_s=opts.session_expiry_s, manual_ack=opts.manual_ack,
                        receive_maximum=opts.receive_maximum,
-                       announce_status=opts.announce_status, on_reject=opts.on_reject)
+                       announce_status=opts.announce_status, on_reject=opts.on_reject,
+                       exclusive=opts.exclusive)
         service.attach(self.bus)
 
     def start(self, wait_s: float | None = None) -> bool:
@@ -196,11 +199,15 @@ def run_service(component: str, make: Callable[[], Service], common: CommonOptio
              bus.broker.redacted(), common.prefix)
     try:
         while not stop.wait(0.2):
-            if service.finished.is_set():
+            if service.finished.is_set() or bus.taken_over.is_set():
                 break
     finally:
         running.stop()
     log.info("%s: stopped; %s", component, service.summary())
+    if bus.taken_over.is_set():
+        return fail(component, f"another {component} started for host {common.host_name} "
+                               "and took over (two must not share one --host-name)",
+                    EXIT_FAILED)
     if bus.stats.connects == 0:
         reason = f" ({bus.last_connect_error})" if bus.last_connect_error else ""
         return fail(component, f"never reached the broker at {bus.broker.redacted()}{reason}",

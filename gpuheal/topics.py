@@ -165,8 +165,8 @@ class Topics:
             return None
         host = parts[0]
         if len(parts) == 4 and parts[1] == "gpu" and parts[3] in GPU_KINDS:
-            if not parts[2].isdigit() or len(parts[2]) > 5:
-                return None
+            if not parts[2].isdigit() or len(parts[2]) > 5 or parts[2] != str(int(parts[2])):
+                return None  # one spelling per GPU: "7", never "007"
             return TopicParts(host=host, kind=parts[3], index=int(parts[2]))
         if len(parts) == 3 and parts[2] == "status" and parts[1] in COMPONENTS:
             return TopicParts(host=host, kind="status", component=parts[1])

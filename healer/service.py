@@ -95,7 +95,7 @@ class HealerService:
 
     # --- lifecycle -------------------------------------------------------------------------
     def bus_options(self) -> BusOptions:
-        return BusOptions()
+        return BusOptions(exclusive=True)  # two for one host: the newest wins, the other stops
 
     def attach(self, bus: Bus) -> None:
         self.bus = bus

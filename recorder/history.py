@@ -193,7 +193,7 @@ def incidents(events: list[dict[str, Any]],
             status = a["status"] if a["status"] in FINAL else "running"
             text = f"{a['action']} {status}"
             if a.get("reason") and status in ("skipped", "failed", "unresolved"):
-                text += f" ({a['reason']})"
+                text += f" ({_one_line(a['reason'])})"
             outcomes.append(text)
         acknowledged = any(a["status"] == "acknowledged" for a in acts)
         handed = any(a["status"] == "skipped" and a.get("reason") in HANDED_OVER for a in acts)

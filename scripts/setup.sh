@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what gpuheal needs on Debian/Ubuntu: Mosquitto (via apt when missing), a Python
-# venv in .venv with gpuheal installed (editable) and, with --test, the test tools.
+# venv in .venv with gpuheal installed (editable) and, with --test, the test tools (and
+# Chromium for the dashboard's browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,10 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+# the dashboard's browser test drives Debian's Chromium (skipped with a reason without it)
+if [ "$want_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  missing+=(chromium)
+fi
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if [ ! -x .venv/bin/python ]; then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command: install what the tests need, lint, run the whole suite.
+# One command: install what the tests need, lint, run the whole suite, then check that the
+# wheel works outside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
+bash scripts/wheel_smoke.sh

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from gpuheal.broker import PrivateBroker, start_local_broker
+from tests.support import FIXTURES, REPO
 
-FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("tests.factories")
+
+__all__ = ["FIXTURES", "REPO"]
 
 
 @pytest.fixture(scope="session")

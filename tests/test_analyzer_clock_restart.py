@@ -5,7 +5,7 @@ from __future__ import annotations
 from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig
 from gpuheal.models import Event, State
-from tests.test_analyzer_streams import mk
+from tests.factories import mk
 
 
 def hot(ts: float, seq: int):

@@ -16,7 +16,7 @@ import pytest
 from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig
 from gpuheal.models import Event, Sample, State, make_event_id
-from tests.test_analyzer_streams import T0, mk
+from tests.factories import T0, mk
 
 WALL0 = 5_000.0
 

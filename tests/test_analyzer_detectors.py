@@ -15,7 +15,7 @@ from analyzer.detectors.xid import MAX_CODES, classify_xid
 from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig, MemoryProfile
 from gpuheal.config.detection import XidConfig
-from tests.test_analyzer_streams import GIB, H100, ORIN, ORIN_TOTAL_MB, T0, busy, mk
+from tests.factories import GIB, H100, ORIN, ORIN_TOTAL_MB, T0, busy, mk
 
 Expected = list[tuple[int, str, str, str | None]]
 
@@ -297,7 +297,7 @@ def test_two_flat_samples_far_apart_do_not_confirm_a_hang() -> None:
     """Lost samples or a slow interval: the ends of a gap say nothing of what was between."""
     from analyzer.detectors.hang import HangDetector
     from gpuheal.config.detection import HangConfig
-    from tests.test_analyzer_streams import mk
+    from tests.factories import mk
 
     det = HangDetector(HangConfig())
     stream = [mk(1000.0 + t, n, utilization_pct=100.0, power_draw_w=300.0,
@@ -309,7 +309,7 @@ def test_two_flat_samples_far_apart_do_not_confirm_a_hang() -> None:
 def test_a_flat_gpu_sampled_every_second_is_confirmed_once_the_window_is_full() -> None:
     from analyzer.detectors.hang import HangDetector
     from gpuheal.config.detection import HangConfig
-    from tests.test_analyzer_streams import mk
+    from tests.factories import mk
 
     det = HangDetector(HangConfig())
     verdicts = [det.update(mk(1000.0 + t, t, utilization_pct=100.0, power_draw_w=300.0,

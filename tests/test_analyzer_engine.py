@@ -12,7 +12,7 @@ from gpuheal.config import AnalyzerConfig
 from gpuheal.config.detection import UnavailableConfig
 from gpuheal.models import Event, State, iso_utc, make_event_id
 from gpuheal.wire import decode
-from tests.test_analyzer_streams import (
+from tests.factories import (
     T0,
     all_streams,
     frozen_stream,
@@ -261,7 +261,7 @@ def test_thresholds_per_gpu_model_and_host() -> None:
     """A passively cooled model may run hotter: its override raises the thermal thresholds
     for it alone, on the hosts named."""
     from gpuheal.config.detection import DetectorOverride, ThermalConfig
-    from tests.test_analyzer_streams import mk
+    from tests.factories import mk
 
     config = AnalyzerConfig(overrides=[DetectorOverride(
         match="L40S", hosts=["rack1"],
@@ -280,7 +280,7 @@ def test_thresholds_per_gpu_model_and_host() -> None:
 
 
 def test_events_of_replayed_samples_say_so() -> None:
-    from tests.test_analyzer_streams import mk
+    from tests.factories import mk
 
     engine = Analyzer(AnalyzerConfig(), started_ts=0.0)
     live = engine.process(mk(1000.0, 0, index=0, temperature_c=86.0))

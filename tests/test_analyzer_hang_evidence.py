@@ -18,7 +18,7 @@ from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig
 from gpuheal.config.detection import DetectorOverride, HangConfig
 from gpuheal.models import Event
-from tests.test_analyzer_streams import T0, mk
+from tests.factories import T0, mk
 
 L40S = "NVIDIA L40S"
 A10 = "NVIDIA A10"

@@ -25,8 +25,7 @@ from gpuheal.mqtt import BrokerURL
 from gpuheal.options import AnalyzerOptions, CommonOptions
 from gpuheal.topics import Topics
 from gpuheal.wire import decode
-from tests.support import Collector, publish
-from tests.test_analyzer_streams import (
+from tests.factories import (
     T0,
     all_streams,
     check_flap,
@@ -39,6 +38,7 @@ from tests.test_analyzer_streams import (
     of,
     thermal_flap_stream,
 )
+from tests.support import Collector, publish
 
 QUIET = AnalyzerConfig(unavailable=UnavailableConfig(min_timeout_s=3600.0))
 """No silence events while a test's burst of samples pauses."""
@@ -211,15 +211,15 @@ def test_home_assistant_discovery_is_retained_and_republished(broker: PrivateBro
     pattern = f"ha_{prefix}/+/+/config"
     with Collector(url, pattern) as col, analyzer(url, prefix, discovery_prefix=f"ha_{prefix}"):
         publish_samples(url, topics, [mk(T0, 1), mk(T0 + 1, 2)])
-        col.wait(lambda ms: len(ms) >= 8, what="discovery configs")
+        col.wait(lambda ms: len(ms) >= 10, what="discovery configs")
         publish(url, topics.ha_status(), b"online")
-        col.wait(lambda ms: len(ms) >= 16, what="discovery re-published")
+        col.wait(lambda ms: len(ms) >= 20, what="discovery re-published")
     platforms = sorted({m.topic.split("/")[1] for m in col.snapshot()})
-    assert platforms == ["binary_sensor", "sensor", "switch"]
-    assert len({m.topic for m in col.snapshot()}) == 8
+    assert platforms == ["binary_sensor", "button", "sensor", "switch"]
+    assert len({m.topic for m in col.snapshot()}) == 10  # 8 for the GPU, 2 for its healer
     # retained: a new subscriber gets them all at once
     with Collector(url, pattern) as late:
-        late.wait(lambda ms: len(ms) == 8, what="retained discovery")
+        late.wait(lambda ms: len(ms) == 10, what="retained discovery")
         assert all(m.retain for m in late.snapshot())
 
 
@@ -232,12 +232,12 @@ def test_discovery_is_republished_after_a_reconnect(tmp_path: Path, prefix: str)
         with analyzer(first.url, prefix, discovery_prefix=f"ha_{prefix}"):
             publish_samples(first.url, topics, [mk(T0, 1)])
             with Collector(first.url, pattern) as col:
-                col.wait(lambda ms: len(ms) == 8, what="discovery on the first broker")
+                col.wait(lambda ms: len(ms) == 10, what="discovery on the first broker")
             first.stop()
             # a new, empty broker on the same port: the analyzer reconnects and re-announces
             second = start_local_broker(tmp_path / "second", port=first.port)
             with Collector(second.url, pattern) as col:
-                col.wait(lambda ms: len(ms) == 8, timeout_s=30,
+                col.wait(lambda ms: len(ms) == 10, timeout_s=30,
                          what="discovery re-published after the reconnect")
     finally:
         first.stop()

@@ -12,7 +12,7 @@ from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig
 from gpuheal.config.detection import XidConfig
 from gpuheal.models import Event, State
-from tests.test_analyzer_streams import GIB, ORIN, ORIN_TOTAL_MB, T0, all_streams, mk, run_engine
+from tests.factories import GIB, ORIN, ORIN_TOTAL_MB, T0, all_streams, mk, run_engine
 
 LOST = {"available": False, "error": "GPU has fallen off the bus", "temperature_c": None,
         "utilization_pct": None, "memory_used_mb": None, "power_draw_w": None}

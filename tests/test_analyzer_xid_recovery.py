@@ -18,7 +18,7 @@ from analyzer.engine import Analyzer
 from gpuheal.config import AnalyzerConfig
 from gpuheal.config.detection import XidConfig
 from gpuheal.models import Event, Sample, State
-from tests.test_analyzer_streams import T0, mk
+from tests.factories import T0, mk
 
 STEP_S = 10.0
 QUIET_S = 60.0

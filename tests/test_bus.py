@@ -191,3 +191,27 @@ def test_rejected_credentials_fail_fast(tmp_path: Path) -> None:
                                           "(Not authorized)")
     finally:
         broker.stop()
+
+
+def test_a_second_publisher_for_the_same_host_takes_over_and_the_first_stops(
+        broker, prefix, gpuheal_cmd) -> None:
+    """Two publishers claiming one host name are reported, never silently interleaved: the
+    newest takes the session over, the first says so and exits 1."""
+    base = [*gpuheal_cmd, "publisher", "--broker", broker.url, "--prefix", prefix,
+            "--host-name", "twin", "--source", "sim", "--scenario", "healthy", "--speed", "20"]
+    with Collector(broker.url, f"{prefix}/twin/publisher/status") as status:
+        first = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        status.wait(lambda ms: any(m.payload == b"online" for m in ms), 20, "first online")
+        second = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        try:
+            out, _ = first.communicate(timeout=30)
+            assert first.returncode == 1, out
+            assert "another publisher started for host twin and took over" in out
+            assert second.poll() is None  # the newest goes on
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(20)
+            if first.poll() is None:
+                first.kill()

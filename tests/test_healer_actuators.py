@@ -38,8 +38,7 @@ from healer.actuators.reset import (
 from healer.actuators.sim import SimActuator, sim_command
 from healer.policy import ActuatorRequest
 from healer.runner import ActionRunner
-from tests.conftest import FIXTURES
-from tests.support import FakeOllama, wait_for
+from tests.support import FIXTURES, FakeOllama, wait_for
 
 RECORD_ARGV = str(FIXTURES / "bin" / "record-argv")
 FAKE_SMI = str(FIXTURES / "healer" / "nvidia-smi")

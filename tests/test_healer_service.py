@@ -31,8 +31,7 @@ from gpuheal.models import (
 from gpuheal.options import CommonOptions, HealerOptions
 from gpuheal.topics import Topics
 from healer.service import run
-from tests.conftest import FIXTURES
-from tests.support import Collector, publish, wait_for
+from tests.support import FIXTURES, Collector, publish, wait_for
 
 HOST = "hA"
 T0 = 1_700_000_000.0

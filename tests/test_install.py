@@ -29,7 +29,7 @@ import pytest
 from gpuheal import install
 from gpuheal.cli import build_parser
 from gpuheal.config import load_config
-from tests.conftest import REPO
+from tests.support import REPO
 
 GPUHEAL = Path(sys.prefix) / "bin" / "gpuheal"
 ANALYZE = shutil.which("systemd-analyze")

@@ -20,8 +20,7 @@ from gpuheal.options import CommonOptions, PublisherOptions
 from publisher.probe import probe
 from publisher.sources import jetson
 from publisher.sources.base import SourceError, SourceUnavailable
-from tests.conftest import FIXTURES
-from tests.support import wait_for
+from tests.support import FIXTURES, wait_for
 
 REAL = FIXTURES / "real"
 FAKE_TEGRASTATS = FIXTURES / "bin" / "tegrastats"

@@ -24,7 +24,7 @@ from gpuheal.options import CommonOptions, PublisherOptions
 from publisher.probe import probe
 from publisher.sources import smi
 from publisher.sources.base import SourceError, SourceUnavailable
-from tests.conftest import FIXTURES
+from tests.support import FIXTURES
 
 REAL = FIXTURES / "real"
 BIN = FIXTURES / "bin"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpuheal.models import Sample
+from gpuheal.timespec import parse_duration
 from recorder.dbfile import RecordingError
 from recorder.export import run_export
 from recorder.history import run_history
@@ -19,8 +20,7 @@ from recorder.replay import count_samples, read_samples
 from recorder.rows import record_for
 from recorder.schema import COLUMNS
 from recorder.store import Store
-from recorder.timespec import parse_duration
-from tests.test_recorder_rows import (
+from tests.factories import (
     NOW,
     T,
     make_action,
@@ -75,9 +75,45 @@ def recording(tmp_path: Path) -> Path:
 
 
 def history(path: Path, **kw: object) -> tuple[int, str, str]:
+    """``gpuheal history --events``: every event with its actions."""
     out, err = io.StringIO(), io.StringIO()
-    rc = run_history(path, out=out, err=err, **kw)  # type: ignore[arg-type]
+    rc = run_history(path, out=out, err=err, incidents=False, **kw)  # type: ignore[arg-type]
     return rc, out.getvalue(), err.getvalue()
+
+
+def test_history_tells_one_line_per_incident(recording: Path) -> None:
+    out = io.StringIO()
+    assert run_history(recording, out=out, err=io.StringIO()) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["STARTED", "(UTC)", "HOST/GPU", "KIND", "PEAK", "DURATION",
+                                "ACTIONS"]
+    assert len(lines) == 3, lines
+    oom, hot = (" ".join(line.split()) for line in lines[1:])
+    assert "h1/0 out_of_memory warning 5s clear_llm_cache verified" in oom
+    assert "PERSON" not in oom
+    assert "h2/1 thermal_throttling critical open" in hot  # escalated, never cleared
+    assert "throttle_gpu unresolved (still hot after 30 s), restart_llm_service running" in hot
+
+
+def test_history_says_when_a_person_is_still_needed(tmp_path: Path) -> None:
+    path = tmp_path / "person.db"
+    s = Store(path)
+    x79 = make_event(3, kind="xid_error", severity="emergency")
+    record(s, T.event("h1", 0), x79.to_json())
+    record(s, T.action("h1", 0), make_action(x79, "skipped", action="notify",
+                                             reason="needs_human").to_json())
+    other = make_event(4, kind="xid_error", severity="emergency", index=1)
+    record(s, T.event("h1", 1), other.to_json())
+    record(s, T.action("h1", 1), make_action(other, "skipped", action="notify",
+                                             reason="needs_human").to_json())
+    record(s, T.action("h1", 1), make_action(other, "acknowledged", action="notify",
+                                             reason="operator", attempt=2).to_json())
+    s.close()
+    out = io.StringIO()
+    assert run_history(path, out=out, err=io.StringIO()) == 0
+    first, second = out.getvalue().splitlines()[1:]
+    assert first.rstrip().endswith("PERSON NEEDED") and "notify skipped (needs_human)" in first
+    assert second.rstrip().endswith("taken over by a person")
 
 
 def test_history_shows_events_with_their_actions_in_order(recording: Path) -> None:

@@ -1,5 +1,4 @@
-"""Recorder: received message → row (pure, no broker, no database). Also message factories
-shared by the other recorder tests."""
+"""Recorder: received message → row (pure, no broker, no database)."""
 
 from __future__ import annotations
 
@@ -7,63 +6,17 @@ import json
 
 import pytest
 
-from gpuheal.models import (
-    Action,
-    DeadLetter,
-    Event,
-    HealerState,
-    Sample,
-    State,
-    iso_utc,
-    make_action_id,
-    make_event_id,
-)
-from gpuheal.topics import Topics
+from gpuheal.models import DeadLetter
 from recorder.rows import deadletter_record, record_for
-
-T = Topics("p")
-NOW = 1_700_000_000.0
-
-
-def make_sample(seq: int = 1, ts: float = NOW, host: str = "h1", index: int = 0,
-                **fields: object) -> Sample:
-    base: dict[str, object] = dict(
-        host=host, index=index, source="sim", ts=ts, seq=seq, name="Sim GPU",
-        temperature_c=60.0, utilization_pct=50.0, memory_used_mb=1000.0,
-        memory_total_mb=8000.0, power_draw_w=150.0, power_limit_w=300.0)
-    return Sample.model_validate(base | fields)
-
-
-def make_event(n: int = 0, phase: str = "raised", severity: str = "warning",
-               host: str = "h1", index: int = 0, ts: float | None = None,
-               kind: str = "out_of_memory") -> Event:
-    started = NOW + n
-    return Event(event_id=make_event_id(host, index, kind, started), host=host, index=index,
-                 kind=kind, severity=severity, phase=phase, started_ts=started,
-                 ts=started if ts is None else ts, message=f"{kind} #{n} {phase}",
-                 evidence={"memory_used_mb": 37000.0}, recommended_action="clear_llm_cache")
-
-
-def make_action(event: Event, status: str = "started", ts: float | None = None,
-                action: str = "clear_llm_cache", attempt: int = 1, **fields: object) -> Action:
-    return Action.model_validate(dict(
-        action_id=make_action_id(event.event_id, action, attempt, event.host, event.index),
-        event_id=event.event_id, host=event.host, index=event.index, action=action,
-        status=status, attempt=attempt, ts=event.ts + 1 if ts is None else ts) | fields)
-
-
-def make_state(ts: float = NOW, health: str = "healthy", host: str = "h1",
-               index: int = 0) -> State:
-    return State(host=host, index=index, health=health, timestamp=iso_utc(ts), ts=ts,
-                 temperature=60.0, memory={"used_mb": 1000.0, "total_mb": 8000.0,
-                                           "percent": 12.5})
-
-
-def make_healer_state(ts: float = NOW, host: str = "h1") -> HealerState:
-    return HealerState(host=host, enabled=True, dry_run=False, breaker_open=False,
-                       budget_left=5, budget_per_hour=6, ts=ts,
-                       cooldowns=[{"index": 0, "action": "throttle_gpu", "until_ts": NOW + 60}])
-
+from tests.factories import (
+    NOW,
+    T,
+    make_action,
+    make_event,
+    make_healer_state,
+    make_sample,
+    make_state,
+)
 
 VALID = [
     ("samples", T.sample("h1", 0), make_sample().to_json()),

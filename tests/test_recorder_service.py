@@ -32,8 +32,7 @@ from recorder.history import run_history
 from recorder.rows import record_for
 from recorder.service import Recorder, run
 from recorder.store import Store
-from tests.support import Collector, wait_for
-from tests.test_recorder_rows import (
+from tests.factories import (
     NOW,
     make_action,
     make_event,
@@ -41,6 +40,7 @@ from tests.test_recorder_rows import (
     make_sample,
     make_state,
 )
+from tests.support import Collector, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"busy_timeout_s": 0.1, "retry_max_s": 0.3, "warn_interval_s": 0.5,
@@ -378,7 +378,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(broker: PrivateBroker, pre
                                                               out.getvalue().splitlines())}
         assert exported == stream.sent_actions
         out = io.StringIO()
-        assert run_history(db, out=out, err=io.StringIO()) == 0
+        assert run_history(db, out=out, err=io.StringIO(), incidents=False) == 0
         assert out.getvalue().count(" raised ") == len(stream.sent_events)
         assert out.getvalue().count("clear_llm_cache  started") == len(stream.sent_actions)
     finally:

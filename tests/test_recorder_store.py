@@ -12,7 +12,7 @@ from sqlite_utils import Database
 from recorder.rows import Record, record_for
 from recorder.schema import SCHEMA_VERSION, SchemaError, current_version, migrate
 from recorder.store import Store
-from tests.test_recorder_rows import (
+from tests.factories import (
     NOW,
     T,
     make_action,
