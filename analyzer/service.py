@@ -26,12 +26,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from analyzer.discovery import gpu_discovery, healer_discovery
 from analyzer.engine import Analyzer, Output
 from gpuheal.models import Action, Event, Sample, State, Status
 from gpuheal.mqtt import Bus, Received
-from gpuheal.options import AnalyzerOptions
+from gpuheal.options import AnalyzerOptions, shard_of
 from gpuheal.runtime import BusOptions, run_service
 from gpuheal.topics import Topics
 
@@ -53,6 +54,9 @@ class AnalyzerService:
         common = opts.common
         self.config = common.config.analyzer
         self.only_host = common.only_host
+        self.shard = opts.shard
+        self._owned: set[str] = set()
+        """Hosts this analyzer serves (sharded: found from their publishers' status)."""
         self.topics: Topics = common.topics
         self.engine = engine or Analyzer(self.config, started_ts=clock(),
                                          name=common.host_name)
@@ -83,13 +87,34 @@ class AnalyzerService:
         self.bus = bus
         t = self.topics
         host = self.only_host
-        bus.subscribe(t.gpu_pattern("state", host), State, self.on_state, no_local=True)
-        bus.subscribe(t.gpu_pattern("sample", host), Sample, self.on_sample)
-        bus.subscribe(t.gpu_pattern("action", host), Action, self.on_action)
+        if self.shard is None:
+            self._subscribe_gpus(host)
         bus.subscribe(t.status_pattern(host, "publisher"), Status, self.on_publisher_status)
         if self.config.ha_discovery:
             bus.subscribe(t.ha_status(), Status, self.on_ha_status)
             bus.on_connected(self._announce_all.set)
+
+    def _subscribe_gpus(self, host: str | None) -> None:
+        """The GPU topics of ``host`` (every host: None): retained States first (a restarted
+        analyzer continues their conditions), then samples and the healer's actions."""
+        assert self.bus is not None
+        t = self.topics
+        self.bus.subscribe(t.gpu_pattern("state", host), State, self.on_state, no_local=True)
+        self.bus.subscribe(t.gpu_pattern("sample", host), Sample, self.on_sample)
+        self.bus.subscribe(t.gpu_pattern("action", host), Action, self.on_action)
+
+    def _claim(self, host: str) -> bool:
+        """Whether this analyzer serves ``host``; a sharded one subscribes to a host of its
+        share the first time that host's publisher shows up."""
+        if self.shard is None or host in self._owned:
+            return True
+        share, shares = self.shard
+        if shard_of(host, shares) != share:
+            return False
+        self._owned.add(host)
+        self._subscribe_gpus(host)
+        log.info("analyzer: host %s is in share %d/%d: serving it", host, share, shares)
+        return True
 
     def start(self) -> None:
         for target, name in ((self.tick_loop, "analyzer-tick"),
@@ -152,13 +177,17 @@ class AnalyzerService:
             self._publish(outputs)
 
     def on_publisher_status(self, received: Received[Status]) -> None:
-        """A publisher's clean goodbye (or a finished replay) is not an incident."""
+        """A publisher shows up (a sharded analyzer claims the hosts of its share) or says a
+        clean goodbye (or a replay finished), which is not an incident."""
         status = received.message
-        if status.value == "offline" and status.reason == "stopped" and received.parts.host:
+        host = received.parts.host
+        if host is None or not self._claim(host):
+            return
+        if status.value == "offline" and status.reason == "stopped":
             with self._lock:
-                self.engine.source_stopped(received.parts.host, self._clock())
+                self.engine.source_stopped(host, self._clock())
             log.info("analyzer: the publisher of %s stopped cleanly; its GPUs are not "
-                     "declared silent", received.parts.host)
+                     "declared silent", host)
 
     def on_ha_status(self, received: Received[Status]) -> None:
         if received.message.value == "online":
@@ -274,5 +303,10 @@ class AnalyzerService:
 
 def run(opts: AnalyzerOptions, stop: threading.Event | None = None) -> int:
     """Run the analyzer until ``stop`` is set (or SIGINT/SIGTERM/SIGHUP when no ``stop`` is
-    given); the exit code of :mod:`gpuheal.runtime`."""
+    given); the exit code of :mod:`gpuheal.runtime`. A shard speaks (status, ``analyzer`` of
+    its States) as ``<host name>-shardKofN``, so the shards of one machine stay apart."""
+    if opts.shard is not None:
+        share, shares = opts.shard
+        common = replace(opts.common, host_name=f"{opts.common.host_name}-shard{share}of{shares}")
+        opts = replace(opts, common=common)
     return run_service("analyzer", lambda: AnalyzerService(opts), opts.common, stop)

@@ -10,6 +10,7 @@ get ``GPUHEAL_BROKER`` in their environment.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import socket
 from collections.abc import Iterable
@@ -205,21 +206,48 @@ class PublisherOptions:
         return argv
 
 
+def shard(text: str) -> tuple[int, int]:
+    """An argparse type: ``K/N``, this analyzer's share K (1..N) of N."""
+    k, sep, n = text.partition("/")
+    try:
+        share, shares = int(k), int(n)
+    except ValueError:
+        share = shares = 0
+    if not sep or not 1 <= share <= shares:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N with 1 <= K <= N, got {text!r}")
+    return share, shares
+
+
+def shard_of(host: str, shares: int) -> int:
+    """The share (1..``shares``) that analyzes ``host``: a stable hash of its name, the same
+    on every machine and every run."""
+    digest = hashlib.sha256(host.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shares + 1
+
+
 @dataclass
 class AnalyzerOptions:
     common: CommonOptions
     speed: float = 1.0
+    shard: tuple[int, int] | None = None
+    """(K, N): analyze only the hosts whose :func:`shard_of` is K (of N analyzers)."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--speed", type=positive_float, default=1.0, help=argparse.SUPPRESS)
+        p.add_argument("--shard", type=shard, metavar="K/N",
+                       help="analyze only share K of N: the hosts whose name hashes to K "
+                       "(found from their publishers' status); run N analyzers, 1/N to N/N")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, common: CommonOptions) -> AnalyzerOptions:
-        return cls(common=common, speed=args.speed)
+        return cls(common=common, speed=args.speed, shard=args.shard)
 
     def to_argv(self) -> list[str]:
-        return ["analyzer", *self.common.to_argv(), "--speed", repr(self.speed)]
+        argv = ["analyzer", *self.common.to_argv(), "--speed", repr(self.speed)]
+        if self.shard is not None:
+            argv += ["--shard", f"{self.shard[0]}/{self.shard[1]}"]
+        return argv
 
 
 @dataclass
