@@ -29,10 +29,11 @@ from dashboard.history import History
 from dashboard.live import LiveModel
 from dashboard.llm import LlmProbe
 from dashboard.stream import Broadcaster
-from gpuheal.models import Action, Event, HealerState, State, Status
+from gpuheal.models import Action, Event
 from gpuheal.mqtt import Bus
 from gpuheal.options import DashboardOptions
 from gpuheal.runtime import BusOptions, RunFailure, UsageError, run_service
+from gpuheal.status import subscribe_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class DashboardService:
 
     def __init__(self, opts: DashboardOptions) -> None:
         common = opts.common
+        self.common = common
         self.opts = opts
         self.topics = common.topics
         self.only_host = common.only_host
@@ -122,12 +124,7 @@ class DashboardService:
         t = self.topics
         host = self.only_host
         live = self.live
-        bus.subscribe(t.gpu_pattern("state", host), State, live.on_state,
-                      on_cleared=live.on_cleared)
-        bus.subscribe(t.status_pattern(host), Status, live.on_status,
-                      on_cleared=live.on_cleared)
-        bus.subscribe(t.healer_state_pattern(host), HealerState, live.on_healer,
-                      on_cleared=live.on_cleared)
+        subscribe_snapshot(bus, self.common, live, host)
         bus.subscribe(t.gpu_pattern("event", host), Event, live.on_event)
         bus.subscribe(t.gpu_pattern("action", host), Action, live.on_action)
         bus.on_connected(self._on_connected)

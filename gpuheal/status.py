@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from gpuheal.models import HealerState, State, Status
 from gpuheal.mqtt import Bus, Received
@@ -78,9 +78,19 @@ class Snapshot:
                             set(self.retained_topics), self.last_change)
 
 
-def subscribe_snapshot(bus: Bus, common: CommonOptions, snapshot: Snapshot,
+class RetainedView(Protocol):
+    """What keeps the retained picture: a :class:`Snapshot`, the dashboard's live model."""
+
+    def on_state(self, received: Received[State]) -> None: ...
+    def on_status(self, received: Received[Status]) -> None: ...
+    def on_healer(self, received: Received[HealerState]) -> None: ...
+    def on_cleared(self, parts: TopicParts) -> None: ...
+
+
+def subscribe_snapshot(bus: Bus, common: CommonOptions, snapshot: RetainedView,
                        host: str | None = None) -> None:
-    """Keep ``snapshot`` current from ``bus`` (States, statuses, healer states)."""
+    """Keep ``snapshot`` current from ``bus`` (States, statuses, healer states, and their
+    deletion)."""
     t = common.topics
     bus.subscribe(t.gpu_pattern("state", host), State, snapshot.on_state,
                   on_cleared=snapshot.on_cleared)
