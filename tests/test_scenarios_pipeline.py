@@ -1,7 +1,7 @@
 """The simulated GPU's scenarios through publisher, analyzer and healer (real processes).
 
-oom, thermal and hang end with verified actions in ladder order; healthy-busy (a GPU
-saturated by healthy work) never gets a GPU reset. Event time runs 50x faster than the wall.
+oom, thermal and hang end with verified actions in ladder order; a GPU saturated by healthy
+work (noisy, pinned at its power cap, or sitting on a lowered cap) never gets a GPU reset. Event time runs 50x faster than the wall.
 """
 
 from __future__ import annotations
@@ -87,10 +87,14 @@ def test_scenario_heals_in_ladder_order(broker, prefix: str, tmp_path: Path,
 
 
 @pytest.mark.timeout(120)
-def test_healthy_busy_gpu_is_never_reset(broker, prefix: str, tmp_path: Path,
-                                         gpuheal_cmd: list[str]) -> None:
+@pytest.mark.parametrize("scenario", ["healthy-busy", "healthy-capped", "healthy-throttled"])
+def test_healthy_saturated_gpu_is_never_reset(broker, prefix: str, tmp_path: Path,
+                                              gpuheal_cmd: list[str], scenario: str) -> None:
+    """15 minutes of event time of a GPU saturated by healthy work: noisy (busy), pinned flat
+    at its power cap with constant memory (capped), or sitting on the lower cap the healer's
+    own throttle gave it (throttled): never a confirmed hang, never a reset."""
     rounds = 900  # 15 minutes of event time
-    with pipeline(broker.url, prefix, "healthy-busy", tmp_path, gpuheal_cmd,
+    with pipeline(broker.url, prefix, scenario, tmp_path, gpuheal_cmd,
                   count=rounds) as (watch, publisher):
         assert publisher.wait(90) == 0
         samples = watch.wait(lambda _ms: len(watch.payloads("/sample")) == rounds and
@@ -99,7 +103,10 @@ def test_healthy_busy_gpu_is_never_reset(broker, prefix: str, tmp_path: Path,
         watch.wait(lambda _ms: any(s["ts"] == last_ts for s in watch.payloads("/gpu/0/state")),
                    30, "the analyzer's State of the last sample")
     states = watch.payloads("/gpu/0/state")
-    assert max(s["utilization"] for s in states) >= 99.0  # it really was saturated
+    assert max(s["utilization"] or 0 for s in states) >= 99.0  # it really was saturated
+    if scenario == "healthy-throttled":  # the healer's own throttle put it on a lower cap
+        assert ("throttle_gpu", "verified") in action_log(watch)
+        assert min(s["power"]["limit_w"] for s in states) < 400.0
     events = watch.payloads("/event")
     hang = [e for e in events if e["kind"] == "gpu_hang"]
     assert all(e["severity"] == "warning" for e in hang), hang  # suspected, never confirmed
