@@ -9,7 +9,7 @@ Writes into DIR, from the templates in ``gpuheal/data/mosquitto/``:
   passwords never appear on a command line);
 * ``acl`` (``acl.tmpl``): least privilege per identity, topics built from the prefix;
 * ``<identity>.env`` per identity (``publisher``, ``analyzer``, ``healer``, ``recorder``,
-  ``dashboard``, ``viewer``, ``operator``, plus ``publisher-<host>``/``healer-<host>`` for
+  ``dashboard``, ``viewer``, ``operator``, ``admin``, plus ``publisher-<host>``/``healer-<host>`` for
   ``per_host``):
   ``GPUHEAL_BROKER=mqtt://<user>:<password>@host:port`` and the prefixes, mode 0600.
 
@@ -37,7 +37,7 @@ from gpuheal.topics import Topics, valid_host
 from gpuheal.wire import MAX_PAYLOAD_BYTES
 
 IDENTITIES = ("publisher", "analyzer", "healer", "recorder", "dashboard", "viewer",
-              "operator")
+              "operator", "admin")
 """The broker users every ``broker init`` writes, one env file each."""
 PER_HOST_ROLES = ("publisher", "healer")
 """The roles that get a ``<role>-<host>`` identity per host with ``per_host``."""

@@ -275,7 +275,7 @@ def forget_host(common: CommonOptions, host: str, timeout_s: float = 2.0,
                 out: TextIO = sys.stdout) -> int:
     """Clear every retained topic of ``host`` (its States, statuses, healer state and Home
     Assistant discovery configs): for a machine that is gone for good. The broker must let
-    this identity write them (the operator identity of ``gpuheal broker init`` may)."""
+    this identity write them (the ``admin`` identity of ``gpuheal broker init`` may)."""
     t = common.topics
     snapshot = Snapshot()
     bus = Bus(common.broker, "dashboard", common.host_name, t, announce_status=False)
@@ -300,7 +300,7 @@ def forget_host(common: CommonOptions, host: str, timeout_s: float = 2.0,
         if refused:
             print(f"gpuheal status: the broker refused {refused} of them: use an identity "
                   f"that may write {common.prefix}/{host}/# (e.g. --env-file "
-                  ".../operator.env)", file=sys.stderr)
+                  ".../admin.env)", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
     finally:

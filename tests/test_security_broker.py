@@ -204,6 +204,13 @@ ALLOWED = [
     ("healer", lambda h: T.healer_state(h), "healer", lambda h: T.healer_state_pattern()),
     ("operator", lambda h: T.healer_set(h), "healer", lambda h: T.healer_set_pattern()),
     ("recorder", lambda h: T.status(h, "recorder"), "viewer", lambda h: T.everything()),
+    ("analyzer", lambda h: T.state(h, 0), "dashboard",
+     lambda h: T.everything()),
+    ("healer", lambda h: T.action(h, 0), "analyzer", lambda h: T.gpu_pattern("action")),
+    ("publisher", lambda h: T.status(h, "publisher"), "analyzer",
+     lambda h: T.status_pattern(None, "publisher")),
+    ("dashboard", lambda h: T.healer_set(h), "healer", lambda h: T.healer_set_pattern()),
+    ("admin", lambda h: T.state(h, 0), "viewer", lambda h: T.everything()),
     (f"publisher-{PER_HOST}", lambda h: T.sample(PER_HOST, 7), "analyzer",
      lambda h: T.gpu_pattern("sample")),
     (f"healer-{PER_HOST}", lambda h: T.action(PER_HOST, 7), "recorder",
@@ -227,6 +234,19 @@ def test_each_identity_reaches_who_it_serves(secure: Secure, host: str, writer: 
             speaker.close()
         assert not rc.is_failure, f"{writer} may not publish {topic}: {rc}"
         seen.wait(has(mark), 5, f"{reader} receiving {writer}'s {topic}")
+
+
+@pytest.mark.parametrize("writer", ["operator", "dashboard", "viewer"])
+def test_only_the_analyzer_and_admin_write_states(secure: Secure, host: str,
+                                                   writer: str) -> None:
+    """``status --forget`` needs the admin identity: the operator and the dashboard may
+    command the healer, not rewrite (or delete) what a GPU's health says."""
+    speaker = Speaker(secure.url(writer))
+    try:
+        rc = speaker.send(T.state(host, 0), b"", retain=True)
+    finally:
+        speaker.close()
+    assert rc.getName() == "Not authorized", rc
 
 
 def test_healer_reads_back_its_own_retained_state(secure: Secure, host: str) -> None:
