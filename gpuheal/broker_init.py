@@ -9,8 +9,8 @@ Writes into DIR, from the templates in ``gpuheal/data/mosquitto/``:
   passwords never appear on a command line);
 * ``acl`` (``acl.tmpl``): least privilege per identity, topics built from the prefix;
 * ``<identity>.env`` per identity (``publisher``, ``analyzer``, ``healer``, ``recorder``,
-  ``dashboard``, ``viewer``, ``operator``, ``admin``, plus ``publisher-<host>``/``healer-<host>`` for
-  ``per_host``):
+  ``dashboard``, ``viewer``, ``operator``, ``admin``, plus ``publisher-<host>``/
+  ``healer-<host>`` for ``per_host``):
   ``GPUHEAL_BROKER=mqtt://<user>:<password>@host:port`` and the prefixes, mode 0600.
 
 Then ``mosquitto -c DIR/mosquitto.conf`` runs it, or

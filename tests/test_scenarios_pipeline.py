@@ -1,7 +1,8 @@
 """The simulated GPU's scenarios through publisher, analyzer and healer (real processes).
 
 oom, thermal and hang end with verified actions in ladder order; a GPU saturated by healthy
-work (noisy, pinned at its power cap, or sitting on a lowered cap) never gets a GPU reset. Event time runs 50x faster than the wall.
+work (noisy, pinned at its power cap, or sitting on a lowered cap) never gets a GPU reset.
+Event time runs 50x faster than the wall.
 """
 
 from __future__ import annotations
