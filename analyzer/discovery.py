@@ -21,8 +21,9 @@ reserves that word for an entity it cannot read (a stopped analyzer), so it read
 HEALTH_TEMPLATE = ("{{ 'lost' if value_json.health == 'unavailable' "
                    "else value_json.health }}")
 EXPIRE_AFTER_S = 300
-"""A GPU entity whose State has not come for this long reads unavailable in Home Assistant
-(the GPU disappeared: its analyzer publishes a State at least every sample it gets)."""
+"""A reading (temperature, utilization, memory, power) whose State has not come for this long
+reads unavailable in Home Assistant: a GPU that disappeared has no readings. Its health and
+problem sensors do not expire (they say ``lost`` and ON)."""
 
 
 def _availability(topic: str) -> dict[str, str]:
@@ -106,14 +107,17 @@ def gpu_discovery(
     for platform, key in HA_GPU_ENTITIES:
         oid = topics.ha_object_id(host, "gpu", index, key)
         if platform == "binary_sensor":
-            out.append(_config(topics, platform, oid, {
-                "name": "Problem", "unique_id": oid, "device_class": "problem",
-                "value_template": "{{ 'ON' if value_json.health != 'healthy' else 'OFF' }}",
-                "payload_on": "ON", "payload_off": "OFF", **common}))
+            problem = {"name": "Problem", "unique_id": oid, "device_class": "problem",
+                       "value_template": "{{ 'ON' if value_json.health != 'healthy' else 'OFF' }}",
+                       "payload_on": "ON", "payload_off": "OFF", **common}
+            problem.pop("expire_after")  # a silent GPU still has a problem
+            out.append(_config(topics, platform, oid, problem))
             continue
         entity = {**common, **sensors[key], "unique_id": oid}
-        if key == "last_action":
-            entity.pop("expire_after")  # actions are rare: the last one stays true
+        if key in ("last_action", "health"):
+            # the last action stays true however long ago it was; a silent GPU's health says
+            # "lost" (never Home Assistant's "unavailable": that means gpuheal is down)
+            entity.pop("expire_after")
         out.append(_config(topics, platform, oid, entity))
     return out
 

@@ -244,6 +244,8 @@ class Bus:
         """The broker refused our credentials (a one-shot command gives up on this)."""
         self.taken_over = threading.Event()
         """Another client with our (exclusive) client id connected: this one must stop."""
+        self.refused_topics: set[str] = set()
+        """Topics of QoS 1 publications the broker refused (its ACL, a quota)."""
         self._exclusive = exclusive and announce_status
         self._instance = uuid.uuid4().hex
         self._claim_ts = time.time()
@@ -555,6 +557,8 @@ class Bus:
         if topic is None or not reason_code.is_failure:
             return
         self.stats.refused_publications += 1
+        if len(self.refused_topics) < 10_000:
+            self.refused_topics.add(topic)
         now = time.monotonic()
         last = self._refusals.get(topic)
         if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:

@@ -271,6 +271,22 @@ def _watch(common: CommonOptions, timeout_s: float, every_s: float, out: TextIO,
         bus.stop()
 
 
+FORGET_SETTLE_S = 1.0
+"""Seconds between clearing a host's Home Assistant configs and its other retained topics."""
+
+
+def _clear(bus: Bus, topics: list[str], out: TextIO, quiet: bool = False) -> None:
+    """Delete retained ``topics`` (QoS 1) and say which the broker took."""
+    deliveries = [(topic, bus.publish(topic, b"", qos=1, retain=True)) for topic in topics]
+    for topic, delivery in deliveries:
+        delivery.wait(5.0)
+    for topic, _ in deliveries:
+        if topic in bus.refused_topics:
+            out.write(f"refused {topic}\n")
+        elif not quiet:
+            out.write(f"cleared {topic}\n")
+
+
 def forget_host(common: CommonOptions, host: str, timeout_s: float = 2.0,
                 out: TextIO = sys.stdout) -> int:
     """Clear every retained topic of ``host`` (its States, statuses, healer state and Home
@@ -288,19 +304,19 @@ def forget_host(common: CommonOptions, host: str, timeout_s: float = 2.0,
             print(f"gpuheal status: nothing retained for host {host} under {common.prefix}/",
                   file=sys.stderr)
             return EXIT_FAILED
-        found.update(t.ha_host_configs(host))
+        discovery = set(t.ha_host_configs(host))
         for gpu_host, index in snapshot.states:
-            found.update(t.ha_gpu_configs(gpu_host, index))
-        deliveries = [(topic, bus.publish(topic, b"", qos=1, retain=True))
-                      for topic in sorted(found)]
-        for topic, delivery in deliveries:
-            delivery.wait(5.0)
-            out.write(f"cleared {topic}\n")
-        refused = bus.stats.refused_publications
-        if refused:
-            print(f"gpuheal status: the broker refused {refused} of them: use an identity "
-                  f"that may write {common.prefix}/{host}/# (e.g. --env-file "
-                  ".../admin.env)", file=sys.stderr)
+            discovery.update(t.ha_gpu_configs(gpu_host, index))
+        # Home Assistant first: its entities go away before their State topics are emptied
+        # (an entity still subscribed would read an empty State: errors in its log); it
+        # removes them asynchronously, hence the pause.
+        _clear(bus, sorted(discovery), out, quiet=True)
+        time.sleep(FORGET_SETTLE_S)
+        _clear(bus, sorted(found), out)
+        if bus.refused_topics:
+            print(f"gpuheal status: the broker refused {len(bus.refused_topics)} of them: use "
+                  f"an identity that may write {common.prefix}/{host}/# (the admin identity "
+                  "of `gpuheal broker init`: --env-file .../admin.env)", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
     finally:

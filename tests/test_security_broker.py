@@ -635,3 +635,36 @@ def test_root_tls_key_must_be_readable_by_mosquitto(reachable_dir: Path) -> None
             bus.stop()
     finally:
         broker.stop()
+
+
+def test_forget_needs_the_admin_identity_and_says_what_was_refused(secure: Secure,
+                                                                   host: str) -> None:
+    import io
+
+    from gpuheal.options import CommonOptions
+    from gpuheal.status import forget_host
+
+    speaker = Speaker(secure.url("analyzer"))
+    try:
+        state = (b'{"v":1,"host":"%s","index":0,"health":"healthy","timestamp":'
+                 b'"2026-11-30T12:00:00.000Z","ts":1796040000.0}' % host.encode())
+        assert not speaker.send(T.state(host, 0), state, retain=True).is_failure
+    finally:
+        speaker.close()
+    out = io.StringIO()
+    operator = CommonOptions(broker=secure.url("operator"), prefix=PREFIX, host_name="ops")
+    assert forget_host(operator, host, out=out) == 1
+    assert f"refused {T.state(host, 0)}" in out.getvalue()
+    out = io.StringIO()
+    admin = CommonOptions(broker=secure.url("admin"), prefix=PREFIX, host_name="ops")
+    assert forget_host(admin, host, out=out) == 0
+    assert f"cleared {T.state(host, 0)}" in out.getvalue()
+    marker = T.status(host, "analyzer")
+    with Collector(secure.url("viewer"), [T.state(host, 0), marker]) as seen:
+        probe = Speaker(secure.url("analyzer"))  # a marker after any retained message
+        try:
+            probe.send(marker, b"online")
+        finally:
+            probe.close()
+        seen.wait(lambda ms: any(m.topic == marker for m in ms), 5, "the marker")
+        assert not [m for m in seen.snapshot() if m.topic == T.state(host, 0)]  # gone
