@@ -278,7 +278,7 @@ FORGET_SETTLE_S = 1.0
 def _clear(bus: Bus, topics: list[str], out: TextIO, quiet: bool = False) -> None:
     """Delete retained ``topics`` (QoS 1) and say which the broker took."""
     deliveries = [(topic, bus.publish(topic, b"", qos=1, retain=True)) for topic in topics]
-    for topic, delivery in deliveries:
+    for _, delivery in deliveries:
         delivery.wait(5.0)
     for topic, _ in deliveries:
         if topic in bus.refused_topics:
