@@ -440,9 +440,6 @@ json.dump(result, sys.stdout)
 """Runs in Home Assistant's python: each discovery payload through the MQTT platform's own
 ``DISCOVERY_SCHEMA``, the one Home Assistant applies to it; prints what it refuses or drops."""
 
-EMPTY_STATE_ERRORS = re.compile(r"'value_json' is undefined|Erroneous JSON: $")
-"""What Home Assistant logs when an entity's state topic gets an empty payload."""
-
 DROPPED_BY_2024_3 = {"health": ["options"]}
 """What Home Assistant 2024.3 drops of gpuheal's discovery: its MQTT sensor learnt ``options``
 (the enum's list of states) in 2024.9 (home-assistant/core#123248); 2024.3 ignores it
