@@ -28,20 +28,26 @@ Semantics:
 * :meth:`Analyzer.note_reset`: a GPU reset was seen (reset/reboot-class XIDs may recover);
 * :meth:`Analyzer.source_stopped`: a host's publisher said goodbye: no silence verdicts for
   its GPUs until they speak again;
-* every processed sample yields the GPU's State, unless coalescing
-  (``state_min_interval_s``) holds it back and nothing in its health changed;
+* every processed sample makes the GPU's State due; when it is published is the service's
+  choice (:mod:`analyzer.service`: at once with an Event, otherwise at most every
+  ``state_min_interval_s`` wall seconds, newest wins); :meth:`Analyzer.current_state_json` is
+  its wire form, built without a model;
 * ``restore(state)`` continues the conditions of a retained State (same ``event_id``, never
   re-raised) before the GPU's first sample.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import pydantic_core
 
 from analyzer.detectors import (
     KEEP,
@@ -122,7 +128,7 @@ class AnalyzerStats:
     clock_steps: int = 0
     """A source clock stepped (back, or forward faster than the wall clock): re-anchored."""
     states: int = 0
-    states_coalesced: int = 0
+    """States that became due (one per processed sample, plus silence and acknowledgements)."""
     events: int = 0
     restored: int = 0
     acknowledged: int = 0
@@ -132,9 +138,8 @@ class GpuTrack:
     """Everything the analyzer keeps for one GPU (bounded)."""
 
     __slots__ = ("active", "blind_warned", "config", "detectors", "host", "index",
-                 "last_sample", "last_seq", "last_ts", "muted", "name", "pub_signature",
-                 "pub_ts", "seen_sample", "silence", "slow_samples", "source",
-                 "source_restarted", "uuid")
+                 "last_sample", "last_seq", "last_ts", "muted", "name", "seen_sample",
+                 "silence", "slow_samples", "source", "source_restarted", "uuid")
 
     def __init__(self, host: str, index: int, config: AnalyzerConfig) -> None:
         self.host = host
@@ -161,8 +166,6 @@ class GpuTrack:
         """Consecutive intervals too long to confirm a hang (warned once at 5)."""
         self.blind_warned = False
         self.silence = SilenceTracker(config.unavailable)
-        self.pub_ts: float | None = None
-        self.pub_signature: tuple[Any, ...] | None = None
 
     def fresh_detectors(self) -> None:
         """A new set of detectors (nothing remembered)."""
@@ -187,8 +190,6 @@ class GpuTrack:
         self.silence.shift(delta_s)
         for cond in self.active.values():
             cond.anchor_ts += delta_s
-        if self.pub_ts is not None:
-            self.pub_ts += delta_s
         if self.last_ts is not None:
             self.last_ts += delta_s
 
@@ -311,7 +312,8 @@ class Analyzer:
         if out and sample.source == "replay":
             for event in out:  # the healer records these but never acts on them
                 event.evidence["source"] = "replay"
-        return out, self._state_due(track, sample.ts, force=bool(out))
+        self.stats.states += 1
+        return out, True
 
     def _watch_interval(self, track: GpuTrack, interval_s: float) -> None:
         """Warn once per GPU when its samples keep coming too far apart to confirm a hang."""
@@ -333,6 +335,16 @@ class Analyzer:
         ts = track.last_ts if track.last_ts is not None else 0.0
         health, worst = _health(track.active)
         return build_state(track, sample, ts, health, worst, self.started_ts, self.name)
+
+    def current_state_json(self, host: str, index: int) -> bytes:
+        """``current_state(host, index).to_json()``, the same bytes, built without a model
+        (see :func:`state_json`). ValueError for a State that cannot be valid (a reading
+        whose memory percent overflows)."""
+        track = self._gpus[(host, index)]
+        ts = track.last_ts if track.last_ts is not None else 0.0
+        health, worst = _health(track.active)
+        return state_json(track, track.last_sample, ts, health, worst, self.started_ts,
+                          self.name)
 
     def _accept(self, track: GpuTrack, sample: Sample, wall: float) -> bool:
         """Whether to process ``sample``; sets up a restart or re-anchors a clock step."""
@@ -414,9 +426,9 @@ class Analyzer:
                 continue
             ts = max(track.silence.extrapolated_ts(), track.last_ts or 0.0)
             self._apply(track, "unavailable", finding, ts, out, None, None)
-            state = self._state(track, None, ts, force=True)
-            if state is not None:
-                out.append(state)
+            health, worst = _health(track.active)
+            self.stats.states += 1
+            out.append(build_state(track, None, ts, health, worst, self.started_ts, self.name))
         return out
 
     def hold_silence(self, now_wall: float) -> None:
@@ -469,7 +481,7 @@ class Analyzer:
         if track.source == "replay":
             event.evidence["source"] = "replay"
         health, worst = _health(track.active)
-        self._state_due(track, event_ts, force=True)
+        self.stats.states += 1
         state = build_state(track, track.last_sample, event_ts, health, worst, self.started_ts,
                             self.name)
         return [event, state]
@@ -575,35 +587,6 @@ class Analyzer:
             cleared_by=cleared_by,
         )
 
-    # --- state -------------------------------------------------------------------------
-    def _state(
-        self, track: GpuTrack, sample: Sample | None, ts: float, force: bool
-    ) -> State | None:
-        if not self._state_due(track, ts, force):
-            return None
-        health, worst = _health(track.active)
-        return build_state(track, sample, ts, health, worst, self.started_ts, self.name)
-
-    def _state_due(self, track: GpuTrack, ts: float, force: bool) -> bool:
-        """Whether a State is published for this change (``state_min_interval_s``)."""
-        health, _ = _health(track.active)
-        signature = (health, *((c.event_id, c.severity) for c in track.active.values()))
-        interval = self.config.state_min_interval_s
-        if (
-            not force
-            and interval > 0
-            and track.pub_ts is not None
-            and signature == track.pub_signature
-            and ts - track.pub_ts < interval
-        ):
-            self.stats.states_coalesced += 1
-            return False
-        track.pub_ts = ts
-        track.pub_signature = signature
-        self.stats.states += 1
-        return True
-
-
 def _health(active: dict[str, Condition]) -> tuple[Health, Condition | None]:
     """The State's health and the condition that names its error."""
     if not active:
@@ -665,6 +648,90 @@ def build_state(
             fan_speed=sample.fan_pct,
         )
     return State.model_validate(data)
+
+
+_enc = json.encoder.encode_basestring  # JSON string with quotes; non-ASCII as is
+_NO_READINGS = ('"temperature":null,"utilization":null,'
+                '"memory":{"used_mb":null,"total_mb":null,"percent":null},'
+                '"power":{"draw_w":null,"limit_w":null},'
+                '"clocks":{"graphics_mhz":null,"memory_mhz":null},"fan_speed":null')
+_valid_names: set[str] = set()
+
+
+def _num(value: float | None) -> str:
+    """A float field as pydantic writes it: Python's repr, except that pydantic spells small
+    numbers without Python's zero-padded exponent (``0.000015``, ``1.5e-6``)."""
+    if value is None:
+        return "null"
+    if value.__class__ is not float:
+        value = float(value)
+    text = repr(value)
+    if "e-" in text:
+        return pydantic_core.to_json(value).decode()
+    return text
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _enc(value)
+
+
+def _host_name(value: str | None) -> str:
+    """A ``Host | None`` field, checked as the model checks it (once per name)."""
+    if value is None:
+        return "null"
+    if value not in _valid_names:
+        if not (0 < len(value) <= 128 and re.fullmatch(r"[A-Za-z0-9_-]+", value)):
+            raise ValueError(f"not a valid host name: {value!r}")
+        _valid_names.add(value)
+    return _enc(value)
+
+
+def state_json(
+    track: GpuTrack,
+    sample: Sample | None,
+    ts: float,
+    health: Health,
+    worst: Condition | None,
+    analyzer_started_ts: float,
+    analyzer: str | None = None,
+) -> bytes:
+    """``build_state(...).to_json()``, the same bytes, without building and validating a model
+    (a State's values come from validated samples and the engine's own conditions; what could
+    still be invalid, a memory percent that overflows or a bad analyzer name, raises
+    ValueError as the model would)."""
+    if sample is None:
+        readings = _NO_READINGS
+    else:
+        used, total = sample.memory_used_mb, sample.memory_total_mb
+        percent = round(used * 100.0 / total, 1) if used is not None and total else None
+        if percent is not None and not math.isfinite(percent):
+            raise ValueError(f"memory percent is not finite ({used} of {total} MiB)")
+        readings = (
+            f'"temperature":{_num(sample.temperature_c)},'
+            f'"utilization":{_num(sample.utilization_pct)},'
+            f'"memory":{{"used_mb":{_num(used)},"total_mb":{_num(total)},'
+            f'"percent":{_num(percent)}}},'
+            f'"power":{{"draw_w":{_num(sample.power_draw_w)},'
+            f'"limit_w":{_num(sample.power_limit_w)}}},'
+            f'"clocks":{{"graphics_mhz":{_num(sample.sm_clock_mhz)},'
+            f'"memory_mhz":{_num(sample.mem_clock_mhz)}}},'
+            f'"fan_speed":{_num(sample.fan_pct)}')
+    active = ",".join(
+        f'{{"event_id":{_enc(c.event_id)},"kind":"{c.kind}","severity":"{c.severity}",'
+        f'"started_ts":{_num(c.started_ts)},"message":{_text(c.message)}}}'
+        for c in sorted(track.active.values(), key=lambda c: (c.started_ts, c.kind)))
+    if worst is None:
+        error, error_message = "none", "null"
+    else:
+        error, error_message = worst.kind, _text(worst.message)
+    return (
+        f'{{"v":1,"host":{_host_name(track.host)},"index":{track.index:d},'
+        f'"uuid":{_text(track.uuid)},"name":{_text(track.name)},{readings},'
+        f'"health":"{health}","error":"{error}","error_message":{error_message},'
+        f'"timestamp":"{fast_iso_utc(ts)}","ts":{_num(ts)},"active":[{active}],'
+        f'"analyzer_started_ts":{_num(analyzer_started_ts)},"source":{_text(track.source)},'
+        f'"analyzer":{_host_name(analyzer)}}}'
+    ).encode()
 
 
 _iso_cache: dict[int, str] = {}

@@ -15,18 +15,33 @@
   Home Assistant discovery when asked (``homeassistant/status`` = ``online``, every reconnect).
 
 Samples are processed inline on the network thread: the engine is fast (tens of microseconds
-per sample, see bench/bench_analyzer.py) and one lock serializes it with the timer thread.
-Events are published at once; States are built and published by a flusher thread, newest per
-GPU, so a burst of samples folds into fewer retained States.
+per sample, see bench/bench_analyzer.py) and one lock serializes it with the timer threads.
+
+When a State is published (still QoS 1, retained, newest per GPU):
+
+* at once, with the Events that changed it (a condition raised, escalated or cleared: every
+  change of health comes with one) and for a GPU's first sample;
+* otherwise at most once per ``state_min_interval_s`` (default 1 s) of **wall** time per GPU
+  (divided by ``--speed``, which ``gpuheal up`` passes on for a simulation it runs faster):
+  a State that comes sooner waits and the newest sample's State goes out when the interval
+  ends, even if no further sample comes (the retained State is never left behind);
+* and only while paho's in-flight window has room (:meth:`gpuheal.mqtt.Bus.publish_room`): a
+  State never queues in paho behind others; it waits here, one per GPU, newest wins. Events
+  always go at once.
+
+Wall time, not event time, because the cap bounds work per second of the machine (a replay at
+100x or a backlog being drained would otherwise publish a State for every sample), and because
+only a wall clock can end the interval of a GPU that falls silent.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from analyzer.discovery import gpu_discovery, healer_discovery
 from analyzer.engine import Analyzer, Output
@@ -38,10 +53,27 @@ from gpuheal.topics import Topics
 
 log = logging.getLogger(__name__)
 
+GpuKey = tuple[str, int]
+
+
+@dataclass
+class StateStats:
+    """What became of the States the engine made due."""
+
+    published: int = 0
+    folded: int = 0
+    """Due States replaced by a newer one of the same GPU before they went out."""
+    waited_for_room: int = 0
+    """Times a due State waited because the in-flight window was full."""
+
+
 TICK_S = 0.25
 """Wall seconds between silence checks (and pending discovery announcements)."""
-STATE_FLUSH_S = 0.1
-"""Wall seconds between two publications of retained States (latest per GPU wins)."""
+STATE_TICK_S = 0.05
+"""Wall seconds between two looks at the States that wait (for their interval or for room in
+the in-flight window)."""
+STOP_FLUSH_S = 3.0
+"""On a clean stop, how long (wall seconds) the States that still wait may take to go out."""
 
 
 class AnalyzerService:
@@ -50,7 +82,10 @@ class AnalyzerService:
     component = "analyzer"
 
     def __init__(self, opts: AnalyzerOptions, engine: Analyzer | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: wall time (UNIX seconds) for silence; ``monotonic``: the clock of the
+        State interval (seconds)."""
         common = opts.common
         self.config = common.config.analyzer
         self.only_host = common.only_host
@@ -74,9 +109,16 @@ class AnalyzerService:
         self.status_topic = self.topics.status(common.host_name, "analyzer")
         self.restored = 0
         self.ignored_states = 0
-        self._dirty: dict[tuple[str, int], None] = {}
-        """GPUs whose State is due, in the order they became due (latest wins)."""
-        self._state_due = threading.Event()
+        self._monotonic = monotonic
+        self.state_interval_s = self.config.state_min_interval_s / opts.speed
+        """Wall seconds between two States of a GPU at least (the config's, at ``--speed``)."""
+        self.state_stats = StateStats()
+        self._waiting: dict[GpuKey, float] = {}
+        """GPUs whose newest State waits, with when it may go (monotonic seconds)."""
+        self._due_heap: list[tuple[float, GpuKey]] = []
+        """(may go at, GPU) of the waiting States; stale entries are skipped."""
+        self._state_sent: dict[GpuKey, float] = {}
+        """When each GPU's last State went out (monotonic seconds)."""
 
     # --- lifecycle ---------------------------------------------------------------------
     def bus_options(self) -> BusOptions:
@@ -118,7 +160,7 @@ class AnalyzerService:
 
     def start(self) -> None:
         for target, name in ((self.tick_loop, "analyzer-tick"),
-                             (self.flush_loop, "analyzer-states")):
+                             (self.state_loop, "analyzer-states")):
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -127,12 +169,15 @@ class AnalyzerService:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.flush_waiting(STOP_FLUSH_S)
 
     def summary(self) -> str:
         s = self.engine.stats
         dead = self.bus.deadletter_count if self.bus else 0
+        st = self.state_stats
         return (f"{s.processed} samples processed, {s.duplicates} duplicates, "
-                f"{s.out_of_order} out of order, {s.events} events, {dead} dead letters")
+                f"{s.out_of_order} out of order, {s.events} events, {st.published} states "
+                f"published ({st.folded} folded into newer ones), {dead} dead letters")
 
     # --- handlers (the network thread) -------------------------------------------------
     def on_sample(self, received: Received[Sample]) -> None:
@@ -143,11 +188,11 @@ class AnalyzerService:
             events, state_due = self.engine.ingest(sample)
             if new:
                 self._announce_gpu(sample.host, sample.index, sample.name, sample.uuid)
-            self._publish(events)
-            if state_due:
-                self._dirty[key] = None
-        if state_due:
-            self._state_due.set()
+            if events:
+                self._publish(events)
+                self._send_state(key, self._monotonic())  # at once: the Events changed it
+            elif state_due:
+                self._state_due(key)
 
     def on_state(self, received: Received[State]) -> None:
         if not received.retain:
@@ -212,39 +257,73 @@ class AnalyzerService:
             self._announce_all.clear()
             self.announce_all()
 
-    def flush_states(self) -> int:
-        """Publish the newest State of every GPU whose State is due; returns how many.
+    def _state_due(self, key: GpuKey) -> None:
+        """The engine made this GPU's State due: out now if its interval is over and the
+        in-flight window has room, else it waits (newest wins). Holds ``_lock``."""
+        now = self._monotonic()
+        last = self._state_sent.get(key)
+        may_go = now if last is None else last + self.state_interval_s
+        if key in self._waiting:
+            self.state_stats.folded += 1
+            return  # the waiting one is built when it goes: from the newest sample
+        if may_go <= now:
+            if self.bus is not None and self.bus.publish_room() > 0:
+                self._send_state(key, now)
+                return
+            self.state_stats.waited_for_room += 1
+        self._waiting[key] = may_go
+        heapq.heappush(self._due_heap, (may_go, key))
 
-        When samples arrive faster than States can be published, several samples of a GPU
-        fold into one retained State (latest wins, as DESIGN.md allows), while Events are
-        always published at once, in order.
-        """
-        states: list[State] = []
+    def _send_state(self, key: GpuKey, now: float) -> None:
+        """Build and publish the GPU's State now (its newest sample). Holds ``_lock``."""
+        self._waiting.pop(key, None)
+        self._state_sent[key] = now
+        try:
+            payload = self.engine.current_state_json(*key)
+        except ValueError:  # one GPU's bad State must not hold back the others; logged
+            log.exception("analyzer: cannot build the State of %s/gpu/%d", *key)
+            return
+        self.state_stats.published += 1
+        self._send(self._topics_of(*key)[0], payload, retain=True)
+
+    def flush_states(self, everything: bool = False) -> int:
+        """Publish the waiting States whose interval is over (``everything``: all of them),
+        oldest first, as many as the in-flight window has room for; returns how many."""
+        sent = 0
         with self._lock:
-            due, self._dirty = self._dirty, {}
-            for host, index in due:
-                try:
-                    states.append(self.engine.current_state(host, index))
-                except ValueError:  # one GPU's bad State must not hold back the others
-                    log.exception("analyzer: cannot build the State of %s/gpu/%d", host, index)
-        for state in states:
-            self._send(self._topics_of(state.host, state.index)[0], state.to_json(),
-                       retain=True)
-        return len(states)
+            now = self._monotonic()
+            room = self.bus.publish_room() if self.bus is not None else 0
+            heap = self._due_heap
+            while heap and sent < room and (everything or heap[0][0] <= now):
+                may_go, key = heapq.heappop(heap)
+                if self._waiting.get(key) != may_go:
+                    continue  # went out since, or waits under a newer entry
+                self._send_state(key, now)
+                sent += 1
+            if not self._waiting:
+                heap.clear()
+        return sent
 
-    def flush_loop(self, stop: threading.Event) -> None:
+    def flush_waiting(self, timeout_s: float) -> None:
+        """Publish every State that still waits (a clean stop), as the window makes room."""
+        deadline = time.monotonic() + timeout_s
+        while self._waiting and time.monotonic() < deadline:
+            if self.bus is None or not self.bus.connected:
+                return
+            if not self.flush_states(everything=True):
+                self.bus.wait_publish_room(0.05)
+
+    def state_loop(self, stop: threading.Event) -> None:
+        """Publish waiting States when their interval ends or the window makes room."""
         while not stop.is_set():
-            if not self._state_due.wait(TICK_S):
-                continue
-            self._state_due.clear()
             try:
                 self.flush_states()
             except Exception:  # the flusher must survive a bug in one State; it is logged
                 log.exception("analyzer: publishing states failed")
-            # At most one State per GPU per STATE_FLUSH_S of wall time: a GPU sampled faster
-            # (a replay, a flood) gets its newest State then, not every one of them.
-            stop.wait(STATE_FLUSH_S)
-        self.flush_states()
+            if self._waiting and self.bus is not None and self.bus.publish_room() == 0:
+                self.bus.wait_publish_room(STATE_TICK_S)  # woken by the next PUBACK
+            else:
+                stop.wait(STATE_TICK_S)
 
     def tick_loop(self, stop: threading.Event) -> None:
         while not stop.wait(TICK_S):
@@ -268,6 +347,7 @@ class AnalyzerService:
             self.bus.publish(topic, payload, qos=1, retain=retain)
 
     def _publish(self, outputs: list[Output]) -> None:
+        """Publish the engine's Events and States at once, in order. Holds ``_lock``."""
         for out in outputs:
             state_topic, event_topic = self._topics_of(out.host, out.index)
             if isinstance(out, Event):
@@ -275,6 +355,10 @@ class AnalyzerService:
                 log.info("analyzer: %s %s %s %s/gpu/%d: %s", out.phase, out.severity,
                          out.kind, out.host, out.index, out.message)
             else:
+                key = (out.host, out.index)
+                self._waiting.pop(key, None)
+                self._state_sent[key] = self._monotonic()
+                self.state_stats.published += 1
                 self._send(state_topic, out.to_json(), retain=True)
 
     def _announce_gpu(self, host: str, index: int, name: str | None, uuid: str | None) -> None:

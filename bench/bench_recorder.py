@@ -1,32 +1,38 @@
 """Recorder throughput: rows/s stored from a real Mosquitto against a bare paho subscriber
-receiving the same stream in the same run (goal: ratio >= 0.8), and the raw SQLite insert
-rate as the disk's limit. Prints a markdown table.
+receiving the same stream in the same run (goal: ratio >= 0.8), CPU per row, and the raw
+SQLite insert rate as the disk's limit. Prints markdown tables, then one JSON line.
 
-    .venv/bin/python bench/bench_recorder.py [--n 20000] [--dir DIR]
+    .venv/bin/python bench/bench_recorder.py [--quick] [--n 40000] [--repeat 3] [--dir DIR]
 
-Scenarios (all with Sample payloads as the publisher sends them):
+The recorder is a real process (``python -m gpuheal recorder``, default settings: WAL,
+``synchronous=FULL``, every message acknowledged only after its row is committed); the bare
+subscriber a process with **stock** paho-mqtt that only counts (QoS 1 subscription, like the
+recorder's); the publisher a process that sends pre-encoded Samples through a raw socket (QoS 1
+windowed on the broker's Receive Maximum), so that it costs little CPU. Scenarios:
 
 * ``disk``: ``executemany`` of the recorder's own INSERT into a fresh recording, in
-  transactions of ``batch_size`` rows, WAL, ``synchronous=FULL`` — the ceiling.
-* ``backlog QoS 1``: N samples wait in both clients' persistent sessions (the broker queued
-  them while both were away); each then drains its backlog alone: the bare subscriber
-  (auto-ack), then the recorder (store, commit, then ack). Its capacity, with the broker's
-  in-flight window (``max_inflight_messages 100``) as the only pacing.
-* ``live QoS 1`` / ``live QoS 0``: a publisher process sends N samples as fast as it can while
-  both subscribe (each in its own process); each side's rate = what it handled / (last - first).
+  transactions of ``batch_size`` rows, WAL, ``synchronous=FULL``: the ceiling.
+* ``live QoS 0`` / ``live QoS 1``: the publisher sends N samples as fast as the broker takes
+  them while both consumers are subscribed; each side's rate = N / (its last row committed, or
+  message received, minus the first publish).
+* ``backlog QoS 1``: N samples wait in both consumers' persistent sessions (the broker queued
+  them while both were away); then each drains its backlog alone, the bare subscriber first:
+  rate = N / (last - first message).
 
-Each side's rate counts from its first message to its last one handled (received, for the
-bare subscriber; committed, for the recorder). Roles ``--role bare`` / ``--role publish`` run
-this file as a helper process.
+The recorder's progress is read from its file (``MAX(id)`` of ``samples``, polled every 20 ms by
+a read connection: WAL readers never block the writer), its CPU from ``/proc``, the bare
+subscriber's from its own ``process_time``. ``--code DIR`` runs the recorder from another
+checkout (a baseline) with the same bench.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
+import select
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -34,7 +40,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,18 +50,24 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for p in (REPO, REPO / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_analyzer import (  # noqa: E402
+    mqtt_packet,
+    proc_cpu_s,
+    raw_connect,
+    raw_disconnect,
+    str16,
+)
 
 from gpuheal.broker import start_local_broker  # noqa: E402
 from gpuheal.config import GpuhealConfig  # noqa: E402
-from gpuheal.models import Sample  # noqa: E402
-from gpuheal.mqtt import BrokerURL  # noqa: E402
-from gpuheal.options import CommonOptions, RecorderOptions  # noqa: E402
+from gpuheal.models import Process, Sample  # noqa: E402
 from gpuheal.topics import Topics  # noqa: E402
 from recorder.rows import record_for  # noqa: E402
 from recorder.schema import COLUMNS  # noqa: E402
-from recorder.service import Recorder  # noqa: E402
 from recorder.store import _SQL, Store  # noqa: E402
 
 HOSTS = 4
@@ -63,105 +77,212 @@ GPUS = 8
 def sample_payload(i: int, t0: float = 1_700_000_000.0) -> tuple[str, int, bytes]:
     """(host, index, payload) of the i-th sample of a fleet of HOSTS x GPUS GPUs."""
     host, index = f"node{i % HOSTS}", (i // HOSTS) % GPUS
-    s = Sample(host=host, index=index, uuid=f"GPU-{host}-{index}", name="NVIDIA H100",
+    s = Sample(host=host, index=index, uuid=f"GPU-{host}-{index}", name="NVIDIA H100 80GB HBM3",
                source="nvml", ts=t0 + i * 0.01, seq=i, temperature_c=60.0 + i % 20,
                utilization_pct=float(i % 100), memory_used_mb=40_000.0 + i % 1000,
                memory_total_mb=81_559.0, power_draw_w=350.0, power_limit_w=700.0,
                sm_clock_mhz=1980.0, mem_clock_mhz=2619.0, fan_pct=None,
-               throttle_reasons=[], xids=[], ecc_uncorrected=0,
-               processes=[{"pid": 4242, "name": "ollama", "used_mb": 39_000.0}])
+               throttle_reasons=["sw_power_cap"], xids=[], ecc_uncorrected=0,
+               remapped_rows_pending=False, host_boot_ts=t0 - 86400.0,
+               processes=[Process(pid=4242, name="ollama", used_mb=39_000.0)])
     return host, index, s.to_json()
 
 
-def _client(client_id: str = "", clean_start: bool = True) -> paho.Client:
-    return paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                       protocol=paho.MQTTv5)
-
-
-def _connect(c: paho.Client, url: str, clean_start: bool = True) -> None:
-    b = BrokerURL.parse(url)
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
-    c.connect(b.host, b.port, clean_start=clean_start, properties=props)
-
-
-# --- helper roles (own processes) -------------------------------------------------------------
-def role_bare(url: str, pattern: str, n: int, client_id: str, setup: bool,
+# --- helper roles (own processes) ----------------------------------------------------------------
+def role_bare(port: int, pattern: str, n: int, client_id: str, setup: bool,
               idle_s: float) -> None:
-    """A bare paho subscriber: auto-ack, counts messages, prints its timing as JSON. Ends at
-    ``n`` messages, or ``idle_s`` seconds after the last one (QoS 0 may drop some)."""
+    """Stock paho, persistent session, auto-ack: counts messages, prints its timing and CPU as
+    JSON. Ends at ``n`` messages, or ``idle_s`` seconds after the last one."""
     ready = threading.Event()
-    times: dict[str, float] = {}
-    got = [0]
+    seen: dict[str, Any] = {"n": 0}
+    done = threading.Event()
+    ptime, now = time.process_time, time.time
 
     def on_message(_c: object, _u: object, _m: paho.MQTTMessage) -> None:
-        got[0] += 1
-        now = time.monotonic()
-        times.setdefault("first", now)
-        times["last"] = now
+        seen["n"] += 1
+        if seen["n"] == 1:
+            seen["first"], seen["cpu_first"] = now(), ptime()
+        seen["last"], seen["cpu_last"] = now(), ptime()
+        if seen["n"] >= n:
+            done.set()
 
-    c = _client(client_id)
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=paho.MQTTv5)
     c.on_message = on_message
     c.on_subscribe = lambda *_a: ready.set()
     c.on_connect = lambda cl, *_a: cl.subscribe(pattern, qos=1)
-    _connect(c, url, clean_start=False)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
     c.loop_start()
     ready.wait(10)
-    print("ready", flush=True)
-    deadline = time.monotonic() + 300
-    while not setup and got[0] < n and time.monotonic() < deadline:
-        last = times.get("last")
-        if last is not None and time.monotonic() - last > idle_s:
-            break
-        time.sleep(0.01)
-    c.disconnect()
-    c.loop_stop()
+    print("READY", flush=True)
     if not setup:
-        print(json.dumps({"n": got[0], "first": times.get("first"), "last": times.get("last")}),
-              flush=True)
-
-
-def role_publish(url: str, prefix: str, n: int, qos: int, offset: int = 0) -> None:
-    """Publish n samples (seq from ``offset``) as fast as the broker takes them."""
-    topics = Topics(prefix)
-    msgs = [(topics.sample(h, i), p)
-            for h, i, p in (sample_payload(k) for k in range(offset, offset + n))]
-    c = _client()
-    c.max_inflight_messages_set(1000)
-    _connect(c, url)
-    c.loop_start()
-    t0 = time.monotonic()
-    infos = [c.publish(topic, payload, qos=qos) for topic, payload in msgs]
-    for info in infos:
-        info.wait_for_publish(60)
-    print(json.dumps({"elapsed": time.monotonic() - t0}), flush=True)
+        last = -1
+        while not done.wait(idle_s):
+            if seen["n"] == last:
+                break
+            last = seen["n"]
     c.disconnect()
     c.loop_stop()
+    print(json.dumps(seen), flush=True)
 
 
-def _helper(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+def role_publish(port: int, prefix: str, n: int, qos: int, offset: int) -> None:
+    """Pre-encode n samples (seq from ``offset``), say READY, wait for GO, send them as fast as
+    the broker takes them (QoS 1: windowed on its Receive Maximum); print the times."""
+    topics = Topics(prefix)
+    packets = []
+    for k in range(offset, offset + n):
+        host, index, payload = sample_payload(k)
+        head = str16(topics.sample(host, index).encode())
+        mid = (k % 65535 + 1).to_bytes(2, "big") if qos else b""
+        packets.append(mqtt_packet(0x30 | (qos << 1), head + mid + b"\x00" + payload))
+    sock = raw_connect(port, f"bench-pub-{os.getpid()}")
+    print("READY", flush=True)
+    sys.stdin.readline()
+    t0 = time.time()
+    if qos == 0:
+        for start in range(0, n, 500):
+            sock.sendall(b"".join(packets[start:start + 500]))
+    else:
+        window = 100  # the broker's max_inflight_messages (its Receive Maximum)
+        sent = acked = 0
+        buf = bytearray()
+        while acked < n:
+            k = min(window - (sent - acked), n - sent, 100)
+            if k > 0:
+                sock.sendall(b"".join(packets[sent:sent + k]))
+                sent += k
+            if k <= 0 or select.select([sock], [], [], 0)[0]:
+                data = sock.recv(65536)
+                if not data:
+                    raise SystemExit("publisher: the broker closed the connection")
+                buf += data
+                i = 0
+                while len(buf) - i >= 2 and len(buf) - i >= 2 + buf[i + 1]:
+                    if buf[i] & 0xF0 == 0x40:
+                        acked += 1
+                    i += 2 + buf[i + 1]
+                del buf[:i]
+    t1 = time.time()
+    raw_disconnect(sock)
+    print(json.dumps({"t0": t0, "t1": t1}), flush=True)
 
 
-def _start_bare(url: str, pattern: str, n: int, client_id: str,
-                setup: bool = False) -> subprocess.Popen[str]:
-    p = _helper(["--role", "bare", "--url", url, "--pattern", pattern, "--n", str(n),
-                 "--client-id", client_id, "--idle-s", "2"] + (["--setup"] if setup else []))
+def helper(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+
+
+def ready(p: subprocess.Popen[str], what: str) -> subprocess.Popen[str]:
     assert p.stdout is not None
     line = p.stdout.readline().strip()
-    if line != "ready":
-        raise RuntimeError(f"bare subscriber did not start: {line!r}")
+    if line != "READY":
+        raise RuntimeError(f"{what} did not start: {line!r}")
     return p
 
 
-def _bare_result(p: subprocess.Popen[str]) -> dict[str, float]:
-    out, _ = p.communicate(timeout=300)
-    result = json.loads(out.strip().splitlines()[-1])
-    return result
+def start_bare(port: int, pattern: str, n: int, client_id: str,
+               setup: bool = False) -> subprocess.Popen[str]:
+    return ready(helper(["--role", "bare", "--port", str(port), "--pattern", pattern, "--n",
+                         str(n), "--client-id", client_id, "--idle-s", "5"]
+                        + (["--setup"] if setup else [])), "bare subscriber")
 
 
-# --- scenarios -------------------------------------------------------------------------------
+def bare_result(p: subprocess.Popen[str]) -> dict[str, Any]:
+    out, _ = p.communicate(timeout=600)
+    lines = out.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"the bare subscriber said nothing (exit code {p.returncode})")
+    return json.loads(lines[-1])
+
+
+def publish(port: int, prefix: str, n: int, qos: int, offset: int = 0) -> dict[str, float]:
+    """Run a publisher to the end; its times."""
+    pub = ready(helper(["--role", "publish", "--port", str(port), "--prefix", prefix,
+                        "--n", str(n), "--qos", str(qos), "--offset", str(offset)]),
+                "publisher")
+    out, _ = pub.communicate("GO\n", timeout=600)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --- the recorder, a real process ----------------------------------------------------------------
+class RecorderProcess:
+    """``python -m gpuheal recorder`` with default settings, watched through its file."""
+
+    def __init__(self, port: int, prefix: str, db: Path, client_id: str, code: Path) -> None:
+        self.db = db
+        self.log = db.with_suffix(".log")
+        env = os.environ | {"PYTHONPATH": str(code)}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gpuheal", "recorder", "--broker",
+                 f"mqtt://127.0.0.1:{port}", "--prefix", prefix, "--host-name", "bench",
+                 "--db", str(db), "--client-id", client_id, "--log-level", "WARNING"],
+                cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def query(self, sql: str) -> Any:
+        if not self.db.exists():
+            return None
+        with closing(sqlite3.connect(self.db, timeout=5)) as conn:
+            try:
+                return conn.execute(sql).fetchone()[0]
+            except sqlite3.OperationalError:  # tables not made yet
+                return None
+
+    def rows(self) -> int:
+        return int(self.query("SELECT MAX(id) FROM samples") or 0)
+
+    def wait(self, pred: Any, timeout_s: float, what: str) -> float:
+        deadline = time.monotonic() + timeout_s
+        while not pred():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the recorder exited; see {self.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}; see {self.log}")
+            time.sleep(0.02)
+        return time.time()
+
+    def wait_rows(self, n: int, idle_s: float = 5.0) -> float:
+        """Wall time the n-th row was seen, or the last row when they stopped coming for
+        ``idle_s`` (QoS 0 samples dropped when the buffer was full)."""
+        last, at = -1, time.time()
+        while True:
+            rows = self.rows()
+            now = time.time()
+            if rows != last:
+                last, at = rows, now
+            if rows >= n:
+                return now
+            if now - at > idle_s:
+                return at
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the recorder exited; see {self.log}")
+            time.sleep(0.02)
+
+    def wait_online(self) -> None:
+        self.wait(lambda: self.query("SELECT COUNT(*) FROM component_status WHERE "
+                                     "component = 'recorder' AND status = 'online'"), 30,
+                  "the recorder's own online row")
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid)
+
+    def peak_rss_mb(self) -> float:
+        """The process's peak resident memory so far (VmHWM), MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+
+
+# --- scenarios ----------------------------------------------------------------
 def bench_disk(workdir: Path, n: int, batch: int) -> float:
     """Raw ``executemany`` insert rate (rows/s) of sample rows into a fresh recording."""
     store = Store(workdir / "disk.db")
@@ -182,141 +303,145 @@ def bench_disk(workdir: Path, n: int, batch: int) -> float:
     return n / elapsed
 
 
-def _recorder(url: str, prefix: str, db: Path, client_id: str) -> Recorder:
-    common = CommonOptions(broker=url, prefix=prefix, host_name="bench", config=GpuhealConfig())
-    return Recorder(RecorderOptions(common=common, db=db, client_id=client_id))
-
-
-def _wait(pred, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def _recorder_rate(rec: Recorder, n: int, base: int = 0) -> tuple[float, int]:
-    """Samples/s from the first message received to the last commit, once caught up."""
-    _wait(lambda: rec.stats.committed - base >= n, 300, f"recorder to commit {n}")
-    _caught_up(rec)
-    s = rec.stats
-    assert s.first_received_mono is not None and s.last_commit_mono is not None
-    return n / max(1e-9, s.last_commit_mono - s.first_received_mono), s.committed - base
-
-
-def _caught_up(rec: Recorder) -> None:
-    _wait(lambda: len(rec.buffer) == 0 and rec.stats.committed == rec.stats.received, 120,
-          "the recorder to store all it received")
-
-
-def _online(rec: Recorder, timeout_s: float = 10) -> None:
-    _wait(lambda: rec.stats.committed >= 1, timeout_s, "the recorder's own status row")
-
-
-def bench_backlog(url: str, workdir: Path, n: int, reps: int) -> list[tuple[float, float]]:
-    """(bare, recorder) drain rates, one pair per repetition."""
-    prefix = "bl"
-    topics = Topics(prefix)
-    pattern = topics.gpu_pattern("sample")
-    db = workdir / "backlog.db"
-    # 1. create both persistent sessions, then leave
-    _start_bare(url, pattern, n, "bench-bare-bl", setup=True).wait(30)
-    rec = _recorder(url, prefix, db, "bench-rec-bl")
-    rec.start()
-    _online(rec)
-    rec.stop()
-    pairs = []
-    for rep in range(reps):
-        # 2. the stream arrives while both are away: the broker queues it for both
-        pub = _helper(["--role", "publish", "--url", url, "--prefix", prefix, "--n", str(n),
-                       "--qos", "1", "--offset", str(rep * n)])
-        pub.communicate(timeout=300)
-        # 3. each drains its backlog alone
-        bare = _bare_result(_start_bare(url, pattern, n, "bench-bare-bl"))
-        bare_rate = bare["n"] / (bare["last"] - bare["first"])
-        rec = _recorder(url, prefix, db, "bench-rec-bl")
-        rec.start()
-        rec_rate, _ = _recorder_rate(rec, n)  # + its own status rows: within noise
+def bench_live(port: int, workdir: Path, n: int, qos: int, run: int,
+               code: Path) -> dict[str, Any]:
+    prefix = f"live{qos}r{run}"
+    pattern = Topics(prefix).gpu_pattern("sample")
+    bare = start_bare(port, pattern, n, f"bench-bare-{prefix}")
+    rec = RecorderProcess(port, prefix, workdir / f"{prefix}.db", f"bench-rec-{prefix}", code)
+    try:
+        rec.wait_online()
+        cpu0 = rec.cpu_s()
+        sent = publish(port, prefix, n, qos)
+        done = rec.wait_rows(n)
+        stored = rec.rows()
+        cpu1 = rec.cpu_s()
+        rss = rec.peak_rss_mb()
+        got = bare_result(bare)
+    finally:
         rec.stop()
-        pairs.append((bare_rate, rec_rate))
-    return pairs
+        if bare.poll() is None:
+            bare.kill()
+    t0 = sent["t0"]
+    bare_rate = got["n"] / max(1e-9, got["last"] - t0) if got["n"] else 0.0
+    rec_rate = stored / (done - t0)
+    bare_cpu = 1e6 * (got["cpu_last"] - got["cpu_first"]) / max(1, got["n"] - 1)
+    rec_cpu = 1e6 * (cpu1 - cpu0) / max(1, stored)
+    return {"scenario": f"live QoS {qos}", "n": n, "bare_rate": bare_rate,
+            "bare_received": got["n"], "recorder_rate": rec_rate, "stored": stored,
+            "ratio": rec_rate / bare_rate if bare_rate else 0.0,
+            "bare_cpu_us": bare_cpu, "recorder_cpu_us": rec_cpu,
+            "cpu_ratio": bare_cpu / rec_cpu, "publish_rate": n / (sent["t1"] - t0),
+            "recorder_peak_rss_mb": rss}
 
 
-def bench_live(url: str, workdir: Path, n: int, qos: int) -> tuple[float, float, int, int]:
-    prefix = f"live{qos}"
-    topics = Topics(prefix)
-    bare = _start_bare(url, topics.gpu_pattern("sample"), n, f"bench-bare-live{qos}")
-    rec = _recorder(url, prefix, workdir / f"live{qos}.db", f"bench-rec-live{qos}")
-    rec.start()
-    _online(rec)
-    _caught_up(rec)
-    base = rec.stats.committed
-    rec.stats.first_received_mono = None
-    pub = _helper(["--role", "publish", "--url", url, "--prefix", prefix, "--n", str(n),
-                   "--qos", str(qos)])
-    pub.communicate(timeout=300)
-    got = _bare_result(bare)  # ends at n, or 2 s after its last message
-    _caught_up(rec)
-    s = rec.stats
-    stored = s.committed - base
-    rec_rate = stored / max(1e-9, (s.last_commit_mono or 0) - (s.first_received_mono or 0))
+def bench_backlog(port: int, workdir: Path, n: int, run: int, code: Path) -> dict[str, Any]:
+    prefix = f"backlog{run}"
+    pattern = Topics(prefix).gpu_pattern("sample")
+    db = workdir / f"{prefix}.db"
+    # 1. both persistent sessions exist, then both leave
+    setup = start_bare(port, pattern, n, f"bench-bare-{prefix}", setup=True)
+    setup.communicate(timeout=60)
+    rec = RecorderProcess(port, prefix, db, f"bench-rec-{prefix}", code)
+    rec.wait_online()
+    startup_cpu = rec.cpu_s()  # what a start costs before any message
     rec.stop()
-    bare_rate = got["n"] / max(1e-9, got["last"] - got["first"]) if got["n"] else 0.0
-    return bare_rate, rec_rate, int(got["n"]), stored
+    # 2. the stream arrives while both are away: the broker queues it for both
+    publish(port, prefix, n, 1)
+    # 3. each drains its backlog alone
+    got = bare_result(start_bare(port, pattern, n, f"bench-bare-{prefix}"))
+    rec = RecorderProcess(port, prefix, db, f"bench-rec-{prefix}", code)
+    try:
+        done = rec.wait(lambda: rec.rows() >= n, 600, f"{n} rows")
+        cpu = rec.cpu_s() - startup_cpu
+        rss = rec.peak_rss_mb()
+        first = float(rec.query("SELECT MIN(received_ts) FROM samples"))
+    finally:
+        rec.stop()
+    bare_rate = got["n"] / max(1e-9, got["last"] - got["first"])
+    rec_rate = n / (done - first)
+    bare_cpu = 1e6 * (got["cpu_last"] - got["cpu_first"]) / max(1, got["n"] - 1)
+    rec_cpu = 1e6 * cpu / n  # less the CPU of a start without messages
+    return {"scenario": "backlog QoS 1", "n": n, "bare_rate": bare_rate,
+            "bare_received": got["n"], "recorder_rate": rec_rate, "stored": n,
+            "ratio": rec_rate / bare_rate, "bare_cpu_us": bare_cpu, "recorder_cpu_us": rec_cpu,
+            "cpu_ratio": bare_cpu / rec_cpu, "recorder_peak_rss_mb": rss}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20_000, help="samples per scenario")
+    ap.add_argument("--quick", action="store_true", help="a short run (10,000 samples, once)")
+    ap.add_argument("--n", type=int, default=None, help="samples per scenario (default 40,000)")
+    ap.add_argument("--repeat", type=int, default=None, help="runs per scenario (default 3)")
     ap.add_argument("--dir", type=Path, default=None, help="where the SQLite files go")
-    ap.add_argument("--role", choices=["bare", "publish"])
-    ap.add_argument("--url")
-    ap.add_argument("--pattern")
-    ap.add_argument("--prefix")
-    ap.add_argument("--client-id")
-    ap.add_argument("--qos", type=int, default=1)
-    ap.add_argument("--setup", action="store_true")
-    ap.add_argument("--idle-s", type=float, default=2.0)
-    ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=3, help="backlog repetitions (median)")
+    ap.add_argument("--code", type=Path, default=REPO,
+                    help="checkout whose recorder runs (default: this one)")
+    ap.add_argument("--role", choices=["bare", "publish"], help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--pattern", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", help=argparse.SUPPRESS)
+    ap.add_argument("--client-id", help=argparse.SUPPRESS)
+    ap.add_argument("--qos", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--idle-s", type=float, default=5.0, help=argparse.SUPPRESS)
+    ap.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "bare":
-        role_bare(args.url, args.pattern, args.n, args.client_id, args.setup, args.idle_s)
+        role_bare(args.port, args.pattern, args.n, args.client_id, args.setup, args.idle_s)
         return
     if args.role == "publish":
-        role_publish(args.url, args.prefix, args.n, args.qos, args.offset)
+        role_publish(args.port, args.prefix, args.n, args.qos, args.offset)
         return
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("paho").setLevel(logging.CRITICAL)  # paho's loop noise at disconnect
-    n = min(args.n, 90_000)  # the broker queues at most 100000 per client
+    n = min(args.n or (10_000 if args.quick else 40_000), 90_000)  # the broker queues 100,000
+    repeat = args.repeat or (1 if args.quick else 3)
+    code = args.code.resolve()
     workdir = Path(tempfile.mkdtemp(prefix="bench-recorder-", dir=args.dir))
     batch = GpuhealConfig().recorder.batch_size
     disk = bench_disk(workdir, n, batch)
     broker = start_local_broker(workdir / "mosquitto")
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        backlog = bench_backlog(broker.url, workdir, n, max(1, args.repeat))
-        lv1 = bench_live(broker.url, workdir, n, qos=1)
-        lv0 = bench_live(broker.url, workdir, n, qos=0)
+        for k in range(repeat):
+            for r in (bench_live(broker.port, workdir, n, 0, k, code),
+                      bench_live(broker.port, workdir, n, 1, k, code),
+                      bench_backlog(broker.port, workdir, n, k, code)):
+                runs.setdefault(r["scenario"], []).append(r)
+                print(f"run {k}: {json.dumps(r)}", file=sys.stderr, flush=True)
     finally:
         broker.stop()
 
-    print(f"Recorder throughput, {n} samples per scenario, {platform.machine()} "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, SQLite "
-          f"{sqlite3.sqlite_version}, synchronous=FULL, batch {batch}, files in {workdir}\n")
-    bl_bare = statistics.median(b for b, _ in backlog)
-    bl_rec = statistics.median(r for _, r in backlog)
-    bl_ratio = statistics.median(r / b for b, r in backlog)
-    print("| scenario | bare paho subscriber (msg/s) | recorder (rows/s) | ratio | note |")
-    print("|---|---:|---:|---:|---|")
-    print(f"| disk: raw executemany | | {disk:,.0f} | | SQLite limit on this disk |")
-    print(f"| backlog QoS 1 (drain) | {bl_bare:,.0f} | {bl_rec:,.0f} | {bl_ratio:.2f} | "
-          f"median of {len(backlog)} (ratios "
-          f"{', '.join(f'{r / b:.2f}' for b, r in backlog)}); commit before ack |")
-    for name, (b, r, got_b, got_r) in (("live QoS 1", lv1), ("live QoS 0", lv0)):
-        ratio = f"{r / b:.2f}" if b else "n/a"
-        print(f"| {name} | {b:,.0f} | {r:,.0f} | {ratio} | received {got_b}/{n}, "
-              f"stored {got_r}/{n} |")
+    def med(rs: list[dict[str, Any]], key: str) -> float:
+        return float(statistics.median(r[key] for r in rs))
+
+    print(f"\n### Recorder ({platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}; {n:,} samples per "
+          f"scenario, default settings: batch {batch}, synchronous=FULL; median of {repeat})\n")
+    print("| scenario | bare paho subscriber | recorder | ratio (goal >= 0.8) | CPU per "
+          "message: bare / recorder | CPU ratio | recorder peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| disk: raw executemany | | {disk:,.0f} rows/s | | | SQLite's limit here | |")
+    summary: dict[str, Any] = {}
+    for name, rs in runs.items():
+        ratios = ", ".join(f"{r['ratio']:.2f}" for r in rs)
+        lost = [f"{n - r['stored']} not stored" for r in rs if r["stored"] < n]
+        lost += [f"{n - r['bare_received']} not received by the bare subscriber" for r in rs
+                 if r["bare_received"] < n]
+        if lost:
+            name = f"{name} ({'; '.join(lost)})"
+        print(f"| {name} | {med(rs, 'bare_rate'):,.0f} msg/s | "
+              f"{med(rs, 'recorder_rate'):,.0f} rows/s | **{med(rs, 'ratio'):.2f}** ({ratios}) "
+              f"| {med(rs, 'bare_cpu_us'):.0f} µs / {med(rs, 'recorder_cpu_us'):.0f} µs "
+              f"| {med(rs, 'cpu_ratio'):.2f} | {med(rs, 'recorder_peak_rss_mb'):.0f} MiB |")
+        summary[rs[0]["scenario"].replace(" ", "_").lower()] = {
+            k: med(rs, k) for k in ("ratio", "cpu_ratio", "bare_rate", "recorder_rate",
+                                    "bare_cpu_us", "recorder_cpu_us", "recorder_peak_rss_mb")
+        } | {"ratios": [r["ratio"] for r in rs], "stored": [r["stored"] for r in rs],
+             "bare_received": [r["bare_received"] for r in rs]}
+    print(json.dumps({"bench": "recorder", "quick": args.quick, "code": str(code),
+                      "command": " ".join(["bench/bench_recorder.py", *sys.argv[1:]]),
+                      "n": n, "repeat": repeat, "batch_size": batch,
+                      "disk_rows_per_s": disk, **summary}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,12 @@ No component imports paho; each talks to the broker through a Bus:
   property ``gpuheal-reason: lost``; a clean stop publishes ``offline`` with ``stopped``;
   ``online`` on every connect;
 * handler errors are caught and logged, so one bad message never stops the loop;
-* a QoS 1 publication the broker refuses (an ACL, a quota) is logged with its reason code.
+* a QoS 1 publication the broker refuses (an ACL, a quota) is logged with its reason code;
+* at most ``min(100, the broker's Receive Maximum)`` QoS 1 publications are in flight; a
+  component that publishes a lot (the analyzer's States) asks :meth:`Bus.publish_room` first,
+  so that paho's unbounded queue never fills.
+
+The client is :class:`gpuheal.mqtt_client.GpuhealClient`: paho with a cheaper receive path.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Generic
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -53,6 +57,13 @@ SINCE_PROPERTY = "gpuheal-since"
 """User properties of an exclusive component's ``online``: who claims the host, since when."""
 REFUSAL_LOG_INTERVAL_S = 60.0
 """A refused publication on one topic is logged at most this often (seconds)."""
+TOPIC_CACHE_SIZE = 16384
+"""Parsed topics remembered per subscription (then the cache starts over)."""
+_UNPARSED: Any = object()
+MAX_INFLIGHT = 100
+"""QoS 1 publications in flight (sent, not yet acknowledged) at most; fewer when the broker's
+CONNACK says a smaller Receive Maximum (paho itself ignores it). The rest wait in paho's queue;
+:meth:`Bus.publish_room` says how many more can go out at once."""
 
 
 class BrokerURLError(ValueError):
@@ -238,6 +249,9 @@ class Bus:
         self._refusals: dict[str, float] = {}
         self._pending_refusal: dict[int, str] = {}
         self._refusal_lock = threading.Lock()
+        self._max_inflight = MAX_INFLIGHT
+        self._room = threading.Event()
+        self._room_wanted = False
         self.last_connect_error: str | None = None
         """Why the last connection attempt failed (one line), None once connected."""
         self.auth_failed = False
@@ -266,7 +280,7 @@ class Bus:
         self.client.enable_logger(paho_log)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(0)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(MAX_INFLIGHT)
         if self.broker.username is not None:
             self.client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
@@ -371,6 +385,33 @@ class Bus:
                     self._pending_refusal[info.mid] = topic
         return Delivery(info)
 
+    @property
+    def inflight_window(self) -> int:
+        """QoS 1 publications that may be in flight at once on this connection."""
+        return self._max_inflight
+
+    def publish_room(self) -> int:
+        """How many more QoS 1 publications go out at once (the in-flight window less those
+        not yet acknowledged, queued ones included); 0 while disconnected."""
+        if not self._connected.is_set():
+            return 0
+        return max(0, self._max_inflight - self.client.unacknowledged())
+
+    def wait_publish_room(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for an acknowledgement that may make room; True when
+        there is room now."""
+        if self.publish_room() > 0:
+            return True
+        self._room.clear()
+        self._room_wanted = True
+        try:
+            if self.publish_room() > 0:
+                return True
+            self._room.wait(timeout_s)
+        finally:
+            self._room_wanted = False
+        return self.publish_room() > 0
+
     def ack(self, received: Received[Any] | Rejected) -> None:
         """Acknowledge a QoS>0 message (only with ``manual_ack``) once it is safely handled;
         a message of an earlier connection is not acknowledged (the broker resends it)."""
@@ -401,13 +442,21 @@ class Bus:
         topics = self.topics
         model = sub.model
         handler = sub.handler
+        is_status = model.__name__ == "Status"
+        parsed: dict[str, TopicParts | None] = {}
+        """``topics.parse`` per topic, remembered (a site has a few thousand topics; only the
+        network thread reads and writes it)."""
 
         def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
             now = time.time()
             topic = msg.topic
             payload = msg.payload
             try:
-                parts = _parse_topic(topics, topic)
+                parts = parsed.get(topic, _UNPARSED)
+                if parts is _UNPARSED:
+                    if len(parsed) >= TOPIC_CACHE_SIZE:
+                        parsed.clear()
+                    parts = parsed[topic] = topics.parse(topic)
                 if parts is None:
                     raise PayloadError(f"not a topic of prefix {topics.prefix!r}")
                 if not payload:
@@ -416,7 +465,7 @@ class Bus:
                     self._ack_raw(msg)
                     return
                 reason = None
-                if model.__name__ == "Status":
+                if is_status:
                     reason = _user_property(msg, STATUS_REASON_PROPERTY)
                 message = decode(model, payload, status_reason=reason)
                 mismatch = topic_mismatch(parts, message)
@@ -451,7 +500,7 @@ class Bus:
             self.client.ack(msg.mid, msg.qos)
 
     # --- paho callbacks ------------------------------------------------------------
-    def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
+    def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, props) -> None:
         self._got_connack = True
         if reason_code.is_failure:
             self.stats.connect_failures += 1
@@ -468,6 +517,9 @@ class Bus:
                       self.client.next_reconnect_delay_s())
             return
         self.stats.connects += 1
+        receive_maximum = getattr(props, "ReceiveMaximum", None)
+        self._max_inflight = min(MAX_INFLIGHT, receive_maximum or MAX_INFLIGHT)
+        self.client.set_inflight_window(self._max_inflight)
         self.last_connect_error = None
         self.auth_failed = False
         self._generation += 1
@@ -552,6 +604,8 @@ class Bus:
                     self.client.next_reconnect_delay_s())
 
     def _on_publish(self, _client, _userdata, mid, reason_code, _props) -> None:
+        if self._room_wanted:
+            self._room.set()
         with self._refusal_lock:
             topic = self._pending_refusal.pop(mid, None)
         if topic is None or not reason_code.is_failure:
@@ -607,9 +661,3 @@ def _user_property(msg: paho.MQTTMessage, name: str) -> str | None:
         if key == name:
             return str(value)
     return None
-
-
-@lru_cache(maxsize=16384)
-def _parse_topic(topics: Topics, topic: str) -> TopicParts | None:
-    """``topics.parse``, remembered: a site has a few thousand distinct topics at most."""
-    return topics.parse(topic)

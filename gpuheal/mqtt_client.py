@@ -1,7 +1,7 @@
 """paho-mqtt's client with a cheap receive path, and what gpuheal needs to say why a
 connection fails.
 
-:class:`GpuhealClient` is ``paho.mqtt.client.Client`` (paho-mqtt 2.2, pinned in pyproject.toml)
+:class:`GpuhealClient` is ``paho.mqtt.client.Client`` (paho-mqtt 2.x, see pyproject.toml)
 plus the exception of the last failed connection attempt, which paho itself drops, so that
 :class:`gpuheal.mqtt.Bus` can tell an operator "connection refused" from "no route to host" from
 a TLS mismatch. It builds on :class:`FastClient`, which changes how paho 2.2 spends CPU, never
@@ -19,17 +19,26 @@ TCP and TLS):
 * the callbacks matching a topic are remembered (cleared when a filter is added or removed);
 * the acknowledgements paho sends from its network thread (PUBACK, PUBREC, PUBCOMP) are
   batched into one ``send()`` after each read, in order, each exactly once. Mosquitto 2.0.11
-  mishandles a message acknowledged twice: an ack is never repeated.
+  mishandles a message acknowledged twice: an ack is never repeated;
+* ``TCP_NODELAY`` on the connection (paho leaves Nagle's algorithm on): MQTT writes small
+  packets one after the other, and with Nagle a packet that follows an unacknowledged one
+  waits for the peer's delayed TCP acknowledgement, up to 40 ms on Linux (an Event published
+  right after a State, a healer's Action right after its HealerState); and, where Linux has
+  it, ``TCP_QUICKACK`` again after every read, so that our acknowledgements are not delayed
+  either: a broker that leaves Nagle on (Mosquitto does unless ``set_tcp_nodelay true``)
+  would otherwise hold the next message to us until then.
 
-Every override is for paho 2.2's internals; with another paho version (which pyproject.toml
-does not let in) :data:`FAST_PATH` is False and the client is stock paho. The fixes are worth
+Every override of the receive and write paths is for paho 2.2's internals; with another paho
+version :data:`FAST_PATH` is False and those paths are stock paho's. The fixes are worth
 offering upstream (paho.mqtt.python): buffered reads, no ``Properties()`` for packets without
 properties, ReasonCode without copying its table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import struct
 import threading
 from typing import Any
@@ -49,6 +58,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 FAST_PATH = PAHO_VERSION.startswith("2.2.")
 """The overrides below are written against paho-mqtt 2.2's internals."""
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 READ_CHUNK_BYTES = 65536
 """Bytes asked of the socket per read event."""
 MATCH_CACHE_TOPICS = 16384
@@ -124,6 +134,14 @@ class FastClient(paho.Client):
         self._ack_entry: dict[str, Any] | None = None
         """The out-packet collecting this read's acknowledgements (None: start a new one)."""
 
+    def _create_socket_connection(self) -> socket.socket:
+        sock = super()._create_socket_connection()
+        with contextlib.suppress(OSError):  # not TCP (a proxy's socket type): left as it is
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if _QUICKACK is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return sock
+
     # --- one recv per read event, then every complete packet in the buffer ------------------
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         if not FAST_PATH or self._sock is None or self._transport == "websockets":
@@ -153,6 +171,9 @@ class FastClient(paho.Client):
             return _LOST
         if not data:
             return _LOST
+        if _QUICKACK is not None:  # Linux turns quick acks off again by itself: renew
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[union-attr]
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
         self._rbuf += data
@@ -405,6 +426,15 @@ class FastClient(paho.Client):
             info._set_as_published()
 
     # --- what gpuheal asks of its client -------------------------------------------------------
+    def set_inflight_window(self, window: int) -> None:
+        """Set ``max_inflight_messages`` on an open connection (from ``on_connect``, to the
+        broker's CONNACK Receive Maximum, which paho ignores). paho refuses the change while
+        connected only because a switch between 0 (no limit) and a limit is untested; this
+        takes a limit >= 1 only."""
+        if window < 1:
+            raise ValueError("the in-flight window needs at least 1")
+        self._max_inflight_messages = window
+
     def unacknowledged(self) -> int:
         """Our QoS 1/2 publications not yet acknowledged by the broker: those in flight and
         those paho queues behind its in-flight window (``max_inflight_messages``)."""

@@ -5,8 +5,10 @@
   dead letters of every host (or ``--only-host``): while the recorder is down, the broker
   keeps what it misses.
 * Manual acknowledgement: the network thread only appends each message (validated by the
-  Bus) to a bounded buffer; the writer thread takes batches (lingering ``flush_interval_s``
-  for them to fill), stores each in one transaction, and only then queues their
+  Bus) to a bounded buffer; the writer thread takes batches (lingering up to
+  ``flush_interval_s`` for them to fill while messages keep coming: a pause of
+  :data:`LINGER_GAP_S` ends it, since a broker may hold the rest back until these are
+  acknowledged), stores each in one transaction, and only then queues their
   acknowledgements, which go out in arrival order from the network thread as the next
   message arrives (or from the writer once nothing is left to store). A message received
   but not committed when the process dies is not acknowledged, so the broker sends it again
@@ -49,6 +51,11 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0
 """How often (seconds) an idle writer looks at the retention schedule."""
+LINGER_GAP_S = 0.005
+"""A batch that is filling is committed once no message came for this long (seconds): the
+broker sends at most its in-flight window of unacknowledged messages (Mosquitto takes the
+recorder's Receive Maximum, other brokers cap it lower, EMQX at 32 by default), so waiting for
+more than that would only wait out ``flush_interval_s``."""
 _STORE_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
 """What a single row can fail with besides a locked/full disk (OperationalError)."""
 
@@ -174,7 +181,7 @@ class Recorder:
     def _writer_loop(self) -> None:
         while not self._abort.is_set():
             self._maybe_retention()
-            batch = self.buffer.take(self.cfg.batch_size, IDLE_POLL_S, self.cfg.flush_interval_s)
+            batch = self._take_batch()
             if not batch:
                 if self._closing.is_set():
                     return
@@ -192,6 +199,22 @@ class Recorder:
                 self._acks.extend(p for p in batch if p.qos > 0)
             if not len(self.buffer):
                 self._flush_acks()
+
+    def _take_batch(self) -> list[Pending]:
+        """Up to ``batch_size`` messages: the first one as soon as it comes (or none within
+        IDLE_POLL_S), then more while they keep coming, for at most ``flush_interval_s``."""
+        size = self.cfg.batch_size
+        batch = self.buffer.take(size, IDLE_POLL_S)
+        deadline = time.monotonic() + self.cfg.flush_interval_s
+        while batch and len(batch) < size and not self._closing.is_set():
+            step = min(LINGER_GAP_S, deadline - time.monotonic())
+            if step <= 0:
+                break
+            more = self.buffer.take(size - len(batch), step, step)
+            if not more:
+                break  # a pause: the broker may wait for these acknowledgements
+            batch.extend(more)
+        return batch
 
     def _flush_acks(self) -> None:
         """Acknowledge every committed message still waiting (arrival order).

@@ -34,6 +34,10 @@ python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "$want_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)
 fi
+# the second-broker tests run the pipeline on Debian's ejabberd (skipped with a reason without it)
+if [ "$want_test" = 1 ] && ! [ -x /usr/sbin/ejabberdctl ]; then
+  missing+=(ejabberd)
+fi
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if [ ! -x .venv/bin/python ]; then

@@ -162,16 +162,19 @@ def test_unavailable_wins_over_severity_in_health() -> None:
     assert "fell off the bus" in state.error_message
 
 
-def test_coalescing_publishes_at_most_once_per_interval_unless_health_changes() -> None:
-    a = engine(AnalyzerConfig(state_min_interval_s=10.0))
-    states = []
+def test_every_accepted_sample_makes_the_state_due_and_its_json_is_the_models() -> None:
+    """The engine makes a State due for every sample it processes (not for a duplicate); when
+    it goes out is the service's choice (tests/test_analyzer_states.py). Its wire form built
+    without a model is the model's JSON, byte for byte."""
+    a = engine()
+    dues = []
     for k in range(30):
         temp = 60.0 if k < 15 else (86.0 if k == 15 else 82.0)
-        states += [o.ts - T0 for o in a.process(mk(T0 + k, k, temperature_c=temp))
-                   if isinstance(o, State)]
-    # 0, 10, then 15 (raised: health changed), 16 (band: no change)... 25 (10 s later)
-    assert states == [0, 10, 15, 25]
-    assert a.stats.states_coalesced == 26
+        _events, due = a.ingest(mk(T0 + k, k, temperature_c=temp))
+        dues.append(due)
+        assert a.current_state_json("node1", 0) == a.current_state("node1", 0).to_json()
+    assert all(dues) and a.stats.states == 30
+    assert a.ingest(mk(T0 + 29, 29)) == ([], False)  # a duplicate changes nothing
 
 
 # --- silence ----------------------------------------------------------------------

@@ -6,7 +6,8 @@ to wall seconds with the GPU's observed event/wall rate (a replay at 10x: a tent
 than ``min_wall_timeout_s``, for delivery jitter), and a gap in the samples' own clock is
 judged in event time when the next sample arrives: the same recording gives the same verdicts
 at any replay speed. :meth:`AnalyzerConfig.blind_spots` says when a sample interval makes a
-detector blind.
+detector blind. The one setting in wall seconds is ``state_min_interval_s``, a publication
+rate, not a detector window.
 """
 
 from __future__ import annotations
@@ -242,9 +243,13 @@ class AnalyzerConfig(ConfigModel):
     hang: HangConfig = Field(default_factory=HangConfig)
     xid: XidConfig = Field(default_factory=XidConfig)
     unavailable: UnavailableConfig = Field(default_factory=UnavailableConfig)
-    state_min_interval_s: float = Field(default=0.0, ge=0)
-    """Coalesce retained State: publish at most once per this many event-time seconds per GPU
-    (a change of health or of the active conditions is always published at once)."""
+    state_min_interval_s: float = Field(default=1.0, ge=0)
+    """A GPU's retained State is published at most once per this many WALL seconds (the newest
+    sample's State when the interval ends; 0: one for every sample; a simulation that
+    ``gpuheal up --speed X`` runs X times faster: a X-th of it). A State that comes with an
+    Event (a change of health or of the active conditions) is published at once. Wall time,
+    unlike the windows above: it bounds the work per second of the machine however fast samples
+    come (a replay, a backlog), and it ends for a GPU that falls silent too."""
     ha_discovery: bool = True
 
     def for_gpu(self, name: str | None, host: str) -> AnalyzerConfig:

@@ -19,8 +19,9 @@ class RecorderConfig(ConfigModel):
     """Rows per transaction at most."""
     flush_interval_s: Annotated[float, Field(ge=0)] = 0.05
     """Longest a received message waits in memory before its batch is committed (seconds):
-    after the first message the writer lingers this long for the batch to fill (fewer,
-    bigger transactions); a full batch is committed at once."""
+    after the first message the writer lingers up to this long for the batch to fill (fewer,
+    bigger transactions) while messages keep coming; a full batch, or a pause of 5 ms in the
+    stream, is committed at once."""
     buffer_max: Annotated[int, Field(ge=1)] = 50_000
     """Messages held in memory while the disk is slow or locked. Beyond it QoS 0 samples are
     dropped (counted); QoS 1 messages are never dropped: they stay unacknowledged, and the
