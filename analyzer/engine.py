@@ -486,6 +486,11 @@ class Analyzer:
                             self.name)
         return [event, state]
 
+    def forget(self, host: str, index: int) -> bool:
+        """Drop a GPU whose retained State was deleted (a machine gone for good: ``gpuheal
+        status --forget``); its next sample, if one ever comes, starts it afresh."""
+        return self._gpus.pop((host, index), None) is not None
+
     def restore(self, state: State) -> bool:
         """Continue the conditions of a retained State (before the GPU's first sample).
 

@@ -49,7 +49,7 @@ from gpuheal.models import Action, Event, Sample, State, Status
 from gpuheal.mqtt import Bus, Received
 from gpuheal.options import AnalyzerOptions, shard_of
 from gpuheal.runtime import BusOptions, run_service
-from gpuheal.topics import Topics
+from gpuheal.topics import TopicParts, Topics
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ class AnalyzerService:
         analyzer continues their conditions), then samples and the healer's actions."""
         assert self.bus is not None
         t = self.topics
-        self.bus.subscribe(t.gpu_pattern("state", host), State, self.on_state, no_local=True)
+        self.bus.subscribe(t.gpu_pattern("state", host), State, self.on_state, no_local=True,
+                           on_cleared=self.on_state_cleared)
         self.bus.subscribe(t.gpu_pattern("sample", host), Sample, self.on_sample)
         self.bus.subscribe(t.gpu_pattern("action", host), Action, self.on_action)
 
@@ -206,6 +207,20 @@ class AnalyzerService:
             self._announce_gpu(state.host, state.index, state.name, state.uuid)
         log.info("analyzer: continuing %d condition(s) of %s/gpu/%d from its retained state",
                  len(state.active), state.host, state.index)
+
+    def on_state_cleared(self, parts: TopicParts) -> None:
+        """A GPU's retained State was deleted (``status --forget``): forget the GPU, so it is
+        not announced to Home Assistant again."""
+        if parts.host is None or parts.index is None:
+            return
+        with self._lock:
+            key = (parts.host, parts.index)
+            if self.engine.forget(*key):
+                self._waiting.pop(key, None)  # a stale heap entry is skipped when popped
+                self._state_sent.pop(key, None)
+                self._gpu_topics.pop(key, None)
+                log.info("analyzer: %s/gpu/%d forgotten (its retained State was deleted)",
+                         parts.host, parts.index)
 
     def on_action(self, received: Received[Action]) -> None:
         """The healer's word on a GPU: a person took a condition over, or a GPU was reset."""
@@ -277,6 +292,8 @@ class AnalyzerService:
     def _send_state(self, key: GpuKey, now: float) -> None:
         """Build and publish the GPU's State now (its newest sample). Holds ``_lock``."""
         self._waiting.pop(key, None)
+        if self.engine.track(*key) is None:
+            return  # forgotten meanwhile
         self._state_sent[key] = now
         try:
             payload = self.engine.current_state_json(*key)

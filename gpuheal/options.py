@@ -293,20 +293,29 @@ class RecorderOptions:
     common: CommonOptions
     db: Path = Path("gpuheal.db")
     client_id: str | None = None
+    sample_every_s: float | None = None
+    """Record at most one sample per GPU per this many event seconds (None: every sample);
+    States, Events, Actions and every sample that is unavailable or carries XIDs are kept."""
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--db", type=Path, default=Path("gpuheal.db"), help="SQLite file")
         p.add_argument("--client-id", help="MQTT client id of the persistent session")
+        p.add_argument("--sample-every", type=positive_float, metavar="SECONDS",
+                       help="record at most one sample per GPU per SECONDS of event time (a "
+                       "fleet); States, Events, Actions are always kept")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, common: CommonOptions) -> RecorderOptions:
-        return cls(common=common, db=args.db, client_id=args.client_id)
+        return cls(common=common, db=args.db, client_id=args.client_id,
+                   sample_every_s=args.sample_every)
 
     def to_argv(self) -> list[str]:
         argv = ["recorder", *self.common.to_argv(), "--db", str(self.db)]
         if self.client_id:
             argv += ["--client-id", self.client_id]
+        if self.sample_every_s is not None:
+            argv += ["--sample-every", repr(self.sample_every_s)]
         return argv
 
 

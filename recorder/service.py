@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from gpuheal.models import DeadLetter
+from gpuheal.models import DeadLetter, Sample
 from gpuheal.mqtt import Bus, Received, Rejected
 from gpuheal.options import RecorderOptions
 from gpuheal.records import MODEL_OF_KIND
@@ -84,6 +84,8 @@ class RecorderStats:
     """Batches the writer failed on unexpectedly (logged, not acknowledged)."""
     degraded_since: float | None = None
     """UNIX seconds when storage started failing; None while it works."""
+    downsampled: int = 0
+    """Samples acknowledged but not stored (``--sample-every``)."""
     retention_passes: int = 0
     samples_folded: int = 0
     first_received_mono: float | None = None
@@ -116,6 +118,8 @@ class Recorder:
         except (SchemaError, sqlite3.Error, OSError, ValueError) as exc:
             raise RunFailure(f"cannot record to {opts.db}: {exc}") from None
         self.bus: Bus | None = None
+        self._last_kept: dict[tuple[str, int], float] = {}
+        """Event time of the last sample stored per GPU (``--sample-every``)."""
         self._acks: list[Pending] = []
         """Committed messages waiting for their acknowledgement (see ``_flush_acks``)."""
         self._acks_lock = threading.Lock()
@@ -177,6 +181,22 @@ class Recorder:
                 log.warning("recorder: buffer full (%d); %d QoS 0 samples dropped so far",
                             self.buffer.max_items, self.buffer.dropped)
 
+    def _downsampled(self, item: Pending) -> bool:
+        """With ``--sample-every``: a sample of a GPU recorded less than that long ago (event
+        time) is acknowledged but not stored; an unavailable one, or one with XIDs, always is."""
+        every = self.opts.sample_every_s
+        if every is None or isinstance(item, Rejected) or not isinstance(item.message, Sample):
+            return False
+        sample = item.message
+        key = (sample.host, sample.index)
+        last = self._last_kept.get(key)
+        if (last is not None and 0 <= sample.ts - last < every and sample.available
+                and not sample.xids):
+            self.stats.downsampled += 1
+            return True
+        self._last_kept[key] = sample.ts
+        return False
+
     # --- writer thread --------------------------------------------------------------------
     def _writer_loop(self) -> None:
         while not self._abort.is_set():
@@ -187,7 +207,7 @@ class Recorder:
                     return
                 continue
             try:
-                pairs = [(p, _record(p)) for p in batch]
+                pairs = [(p, None if self._downsampled(p) else _record(p)) for p in batch]
                 if not self._commit(pairs):
                     return  # stopping while the disk refuses writes: leave them unacked
             except Exception:  # a bug must not kill the writer; unacked: resent on reconnect

@@ -39,6 +39,11 @@ if [ "$want_test" = 1 ] && ! [ -x /usr/sbin/ejabberdctl ]; then
   missing+=(ejabberd)
 fi
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+# Debian starts ejabberd as a service listening for MQTT on port 1883: the tests start their
+# own on free ports, and 1883 belongs to Mosquitto
+if [[ " ${missing[*]} " == *" ejabberd "* ]] && command -v systemctl >/dev/null 2>&1; then
+  "${sudo_cmd[@]}" systemctl disable --now ejabberd >/dev/null 2>&1 || true
+fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

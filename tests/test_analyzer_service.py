@@ -26,6 +26,7 @@ from gpuheal.options import AnalyzerOptions, CommonOptions
 from gpuheal.topics import Topics
 from gpuheal.wire import decode
 from tests.factories import (
+    HOST,
     T0,
     all_streams,
     check_flap,
@@ -243,3 +244,27 @@ def test_discovery_is_republished_after_a_reconnect(tmp_path: Path, prefix: str)
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_a_forgotten_gpu_is_not_announced_again(broker: PrivateBroker, prefix: str) -> None:
+    """``gpuheal status --forget`` deletes a GPU's retained State: the analyzer drops the GPU,
+    so Home Assistant's next birth message brings back only the GPUs still there."""
+    topics = Topics(prefix, f"ha_{prefix}")
+    url = broker.url
+    with analyzer(url, prefix, discovery_prefix=f"ha_{prefix}"):
+        publish_samples(url, topics, [mk(T0, 1, index=0), mk(T0, 1, index=1)])
+        with Collector(url, [topics.state(HOST, 0), topics.state(HOST, 1)]) as states:
+            states.wait(lambda ms: {m.topic for m in ms} == {topics.state(HOST, 0),
+                                                            topics.state(HOST, 1)},
+                        what="both retained States")
+        with Collector(url, f"ha_{prefix}/+/+/config") as again:
+            again.wait(lambda ms: any("_gpu_0_" in m.topic for m in ms)
+                       and any("_gpu_1_" in m.topic for m in ms), what="retained configs")
+            publish(url, topics.state(HOST, 0), b"", retain=True)  # forgotten
+            publish(url, topics.ha_status(), b"online")  # HA restarts: re-announce
+            # the analyzer re-announces GPU after GPU in index order: once GPU 1's configs
+            # are back, GPU 0's would have been sent before them
+            again.wait(lambda ms: any("_gpu_1_" in m.topic and not m.retain for m in ms),
+                       what="GPU 1 announced again")
+            gpu0 = [m.topic for m in again.snapshot() if "_gpu_0_" in m.topic and not m.retain]
+            assert gpu0 == []

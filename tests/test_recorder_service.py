@@ -416,3 +416,26 @@ def test_sigkill_while_the_disk_is_locked_loses_nothing(broker: PrivateBroker, p
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
+
+
+def test_sample_every_downsamples_samples_only(broker: PrivateBroker, pub: Publisher,
+                                               prefix: str, tmp_path: Path) -> None:
+    """At fleet rates: one sample per GPU per 10 s of event time is stored (and every one that
+    says the GPU is lost or carries an XID); every State, Event and Action is kept, and every
+    message is acknowledged (the persistent session keeps nothing back)."""
+    db = tmp_path / "fleet.db"
+    t = Topics(prefix)
+    opts = options(broker.url, prefix, db)
+    opts.sample_every_s = 10.0
+    with running(opts) as rec:
+        for seq in range(30):  # 30 s of samples, one a second
+            extra: dict[str, object] = {"xids": [13]} if seq == 14 else {}
+            pub.send(t.sample("h1", 0), make_sample(seq=seq, ts=NOW + seq, **extra).to_json())
+        e = make_event()
+        pub.send(t.event("h1", 0), e.to_json())
+        pub.send(t.state("h1", 0), make_state().to_json(), retain=True)
+        wait_for(lambda: count(db, "events") == 1 and count(db, "states") == 1, 10, "rows")
+        wait_for(lambda: rec.stats.acked >= 32, 10, "every message acknowledged")
+    seqs = [r[0] for r in query(db, "SELECT seq FROM samples ORDER BY seq")]
+    assert seqs == [0, 10, 14, 24]  # every 10 s from the last one stored; the XID one too
+    assert rec.stats.downsampled == 26
