@@ -148,7 +148,9 @@ class AnalyzerService:
 
     def _claim(self, host: str) -> bool:
         """Whether this analyzer serves ``host``; a sharded one subscribes to a host of its
-        share the first time that host's publisher shows up."""
+        share the first time that host's publisher shows up. Samples the host sends before
+        that subscription is in place (one round trip to the broker) are not analysed; the
+        recorder still stores them."""
         if self.shard is None or host in self._owned:
             return True
         share, shares = self.shard
