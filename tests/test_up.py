@@ -14,6 +14,7 @@ import pytest
 
 from gpuheal.broker import start_broker
 from gpuheal.broker_init import ensure_broker_dir, read_env_file
+from gpuheal.mqtt import BrokerURL
 from gpuheal.net import free_port, port_answers
 from tests.support import Collector, wait_for
 
@@ -47,9 +48,14 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def viewer(tmp_path: Path) -> str:
+    """The viewer's broker URL, once the private broker accepts connections (its credentials
+    are written before it listens)."""
     env = tmp_path / "state" / "broker" / "viewer.env"
     wait_for(env.exists, 30, "the private broker's credentials")
-    return read_env_file(env)["GPUHEAL_BROKER"]
+    url = read_env_file(env)["GPUHEAL_BROKER"]
+    broker = BrokerURL.parse(url)
+    wait_for(lambda: port_answers(broker.host, broker.port), 30, "the private broker listening")
+    return url
 
 
 def children_of(pid: int) -> list[int]:
